@@ -1,0 +1,418 @@
+"""Scaling policies for the inference Auto Scaling Group: pure functions, state in and out.
+
+The per-minute Lambda (``autoscaling_bp.scale``) and the trace simulator (``bench/autoscale_sim.py``)
+call the same ``decide(policy, inputs, state, settings, now)``. Nothing here does I/O or reads a
+clock: ``now`` is an argument and the policy's memory is the ``PolicyState`` it returns.
+
+Three policies, all on the same inputs:
+
+* ``predictive`` (this project's): target tracking on in-flight requests per instance, counting
+  capacity that is already pending; a panic mode that scales out at once when load is far above
+  ready capacity; slow, stabilized scale-in; a forecast floor from the same time of day on
+  previous days so capacity arrives before the daily ramp; the scheduled floor, min and max.
+* ``target_tracking``: what an AWS target-tracking policy does (scale out after 3 one-minute
+  datapoints above target, scale in after 15 below 90 % of it, ``ceil(in_service * metric /
+  target)``).
+* ``step``: the seed's rule, +2 instances on high load, -1 on low load after a cooldown.
+
+The chain of steps of ``predictive`` (each a small pure function, tested on its own):
+``fold_history`` -> ``reactive_need`` / ``forecast_need`` -> ``combine_needs`` ->
+``stabilize`` -> ``apply_bounds``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from chalicelib.scaling_settings import ScalingSettings
+
+DAY_S = 86400
+
+
+@dataclass(frozen=True)
+class MinuteMetrics:
+    """One minute of fleet metrics, as the agents publish them (sums over reporting instances).
+
+    ``inflight`` and ``queue_depth`` are per-minute averages summed over instances; ``requests``
+    counts answered requests, ``throttled`` the 429s (demand the fleet turned away).
+    """
+
+    t: int
+    requests: float = 0.0
+    throttled: float = 0.0
+    inflight: float = 0.0
+    queue_depth: float = 0.0
+    p99_latency_s: float | None = None
+    instances: int = 0
+
+
+@dataclass(frozen=True)
+class FleetCounts:
+    """The ASG as the policy sees it. ``desired`` already includes ``pending`` instances."""
+
+    desired: int
+    in_service: int
+    pending: int = 0
+    draining: int = 0
+    min_size: int = 1
+    max_size: int = 40
+
+
+@dataclass(frozen=True)
+class PolicyState:
+    """What the policy remembers between invocations (stored as JSON by the Lambda)."""
+
+    last_scale_out_t: float | None = None
+    last_scale_in_t: float | None = None
+    # (t, needed instances) of recent decisions: scale-in stabilization looks back over these
+    recent: tuple[tuple[int, int], ...] = ()
+    # (slot index, peak load in instances) for the last few days: the seasonal forecast
+    seasonal: tuple[tuple[int, float], ...] = ()
+    last_metric_t: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "last_scale_out_t": self.last_scale_out_t,
+            "last_scale_in_t": self.last_scale_in_t,
+            "recent": [list(x) for x in self.recent],
+            "seasonal": [[s, round(v, 3)] for s, v in self.seasonal],
+            "last_metric_t": self.last_metric_t,
+        }
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any] | None) -> PolicyState:
+        if not doc:
+            return cls()
+        return cls(
+            last_scale_out_t=_opt_float(doc.get("last_scale_out_t")),
+            last_scale_in_t=_opt_float(doc.get("last_scale_in_t")),
+            recent=tuple((int(t), int(n)) for t, n in doc.get("recent", [])),
+            seasonal=tuple((int(s), float(v)) for s, v in doc.get("seasonal", [])),
+            last_metric_t=None if doc.get("last_metric_t") is None else int(doc["last_metric_t"]),
+        )
+
+
+def _opt_float(x: Any) -> float | None:
+    return None if x is None else float(x)
+
+
+@dataclass(frozen=True)
+class PolicyInput:
+    metrics: tuple[MinuteMetrics, ...]  # oldest first; the newest is what CloudWatch has now
+    fleet: FleetCounts
+    scheduled_floor: int = 0
+
+
+@dataclass(frozen=True)
+class Decision:
+    desired: int
+    reason: str
+    state: PolicyState
+    fields: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def changed(self) -> bool:
+        return self.fields.get("previous_desired") != self.desired
+
+
+# ---------------------------------------------------------------------------------------------
+# shared steps
+
+
+def load_units(m: MinuteMetrics, target_inflight: float) -> float:
+    """Offered load of one minute in instances at the target in-flight per instance.
+
+    Admitted work is in-flight plus queued; 429s are demand the fleet turned away, scaled in by
+    Little's law (same latency as the answered requests).
+
+    >>> load_units(MinuteMetrics(t=0, requests=600, inflight=16.0), 8.0)
+    2.0
+    >>> load_units(MinuteMetrics(t=0, requests=600, throttled=600, inflight=16.0), 8.0)
+    4.0
+    """
+    admitted = m.inflight + m.queue_depth
+    if m.throttled > 0:
+        if m.requests > 0:
+            admitted *= (m.requests + m.throttled) / m.requests
+        else:  # everything refused: at least twice what the reporting fleet can hold
+            admitted = max(admitted, 2.0 * target_inflight * max(m.instances, 1))
+    return admitted / target_inflight
+
+
+def apply_bounds(desired: int, fleet: FleetCounts, floor: int) -> int:
+    """Clamp to ``[max(min_size, floor), max_size]`` (the max wins over a floor above it).
+
+    >>> apply_bounds(50, FleetCounts(desired=3, in_service=3, min_size=1, max_size=20), floor=4)
+    20
+    >>> apply_bounds(0, FleetCounts(desired=3, in_service=3, min_size=1, max_size=20), floor=4)
+    4
+    """
+    return max(min(desired, fleet.max_size), min(max(fleet.min_size, floor), fleet.max_size))
+
+
+# ---------------------------------------------------------------------------------------------
+# predictive (this project's policy)
+
+
+def fold_history(state: PolicyState, metrics: Sequence[MinuteMetrics], s: ScalingSettings) -> PolicyState:
+    """Fold minutes not seen before into per-slot load peaks; keep ``forecast_days + 1`` days.
+
+    >>> m = [MinuteMetrics(t=60 * i, requests=1, inflight=8.0 * i) for i in range(3)]
+    >>> st = fold_history(PolicyState(), m, ScalingSettings(stage="t", asg_name="a"))
+    >>> st.seasonal, st.last_metric_t
+    (((0, 2.0),), 120)
+    """
+    new = [m for m in metrics if state.last_metric_t is None or m.t > state.last_metric_t]
+    if not new:
+        return state
+    slots = dict(state.seasonal)
+    for m in new:
+        slot = m.t // s.forecast_slot_s
+        slots[slot] = max(slots.get(slot, 0.0), load_units(m, s.target_inflight_per_instance))
+    newest = max(m.t for m in new)
+    keep_from = (newest - (s.forecast_days + 1) * DAY_S) // s.forecast_slot_s
+    seasonal = tuple(sorted((k, v) for k, v in slots.items() if k >= keep_from))
+    return replace(state, seasonal=seasonal, last_metric_t=newest)
+
+
+def lead_time_s(s: ScalingSettings) -> int:
+    """How far ahead capacity must be decided: boot + metric delay + one policy period."""
+    return s.boot_delay_s + s.metric_delay_s + s.period_s
+
+
+def reactive_need(metrics: Sequence[MinuteMetrics], s: ScalingSettings) -> tuple[float, float]:
+    """(peak load of the look-back window, linear trend extrapolated over the lead time).
+
+    >>> ms = [MinuteMetrics(t=60 * i, requests=1, inflight=8.0 * i) for i in range(10)]
+    >>> reactive_need(ms, ScalingSettings(stage="t", asg_name="a"))
+    (9.0, 15.0)
+    """
+    if not metrics:
+        return 0.0, 0.0
+    loads = [load_units(m, s.target_inflight_per_instance) for m in metrics]
+    n = max(1, s.scale_out_lookback_s // 60)
+    recent = loads[-n:]
+    peak = max(recent)
+    trend = peak
+    if len(loads) >= 2 * n:
+        older = loads[-2 * n : -n]
+        slope = (sum(recent) / n - sum(older) / n) / n  # per minute
+        if slope > 0:
+            trend = recent[-1] + slope * (lead_time_s(s) / 60)
+    return peak, trend
+
+
+def forecast_need(state: PolicyState, now: float, s: ScalingSettings) -> float:
+    """Load at the same time of day on previous days, over the window capacity ordered now serves.
+
+    For each of the last ``forecast_days`` days take the peak of the slots covering
+    ``[now, now + lead time + one slot]`` a whole number of days earlier, then the
+    ``forecast_quantile`` across days (the median by default: one odd day does not move it).
+
+    >>> s = ScalingSettings(stage="t", asg_name="a", forecast_days=3)
+    >>> day_slots = DAY_S // s.forecast_slot_s
+    >>> st = PolicyState(seasonal=tuple((k * day_slots, float(k)) for k in (1, 2, 3)))
+    >>> forecast_need(st, 4 * DAY_S, s)
+    2.0
+    """
+    if not state.seasonal or s.forecast_days <= 0:
+        return 0.0
+    slots = dict(state.seasonal)
+    first = int(now) // s.forecast_slot_s
+    last = (int(now) + lead_time_s(s) + s.forecast_slot_s) // s.forecast_slot_s
+    day_slots = DAY_S // s.forecast_slot_s
+    per_day = []
+    for d in range(1, s.forecast_days + 1):
+        vals = [slots[k - d * day_slots] for k in range(first, last + 1) if k - d * day_slots in slots]
+        if vals:
+            per_day.append(max(vals))
+    if not per_day:
+        return 0.0
+    per_day.sort()
+    idx = min(len(per_day) - 1, max(0, math.ceil(s.forecast_quantile * len(per_day)) - 1))
+    return per_day[idx] * s.forecast_weight
+
+
+def combine_needs(reactive: float, trend: float, forecast: float) -> tuple[int, str]:
+    """Whole instances needed and which signal set it.
+
+    >>> combine_needs(3.2, 3.5, 5.1)
+    (6, 'forecast')
+    """
+    candidates = {"load": reactive, "trend": trend, "forecast": forecast}
+    reason = max(candidates, key=lambda k: candidates[k])
+    return math.ceil(candidates[reason] - 1e-9), reason
+
+
+def stabilize(
+    need: int, fleet: FleetCounts, state: PolicyState, now: float, s: ScalingSettings, panic: bool
+) -> tuple[int, str]:
+    """Scale out at once; scale in only to the highest need of the stabilization window, and by at
+    most ``scale_in_max_step_fraction`` of the fleet per decision.
+
+    >>> s = ScalingSettings(stage="t", asg_name="a")
+    >>> fleet = FleetCounts(desired=10, in_service=10)
+    >>> stabilize(4, fleet, PolicyState(recent=((0, 9),)), 60, s, panic=False)
+    (9, 'scale-in (stabilized)')
+    """
+    if need > fleet.desired:
+        return need, "panic scale-out" if panic else "scale-out"
+    window = [n for t, n in state.recent if t > now - s.scale_in_stabilization_s] + [need]
+    target = max(window)
+    if target >= fleet.desired:
+        return fleet.desired, "hold"
+    step = max(1, math.ceil(fleet.desired * s.scale_in_max_step_fraction))
+    return max(target, fleet.desired - step), "scale-in (stabilized)"
+
+
+def decide_predictive(inp: PolicyInput, state: PolicyState, s: ScalingSettings, now: float) -> Decision:
+    """This project's policy. See the module docstring for the chain of steps.
+
+    >>> s = ScalingSettings(stage="t", asg_name="a")
+    >>> m = tuple(MinuteMetrics(t=60 * i, requests=100, inflight=40.0, instances=2) for i in range(5))
+    >>> d = decide_predictive(PolicyInput(m, FleetCounts(desired=2, in_service=2)), PolicyState(), s, 300)
+    >>> d.desired, d.reason
+    (5, 'panic scale-out: load')
+    """
+    state = fold_history(state, inp.metrics, s)
+    peak, trend = reactive_need(inp.metrics, s)
+    forecast = forecast_need(state, now, s)
+    need, signal = combine_needs(peak, trend, forecast)
+    latest = load_units(inp.metrics[-1], s.target_inflight_per_instance) if inp.metrics else 0.0
+    ready = max(inp.fleet.in_service, 1)
+    panic = latest > s.panic_ratio * ready
+    last = inp.metrics[-1] if inp.metrics else None
+    if last and last.p99_latency_s and last.p99_latency_s > s.latency_slo_p99_s and need <= inp.fleet.desired:
+        # the SLO is missed at the current size whatever the in-flight says: add one instance
+        need, signal = inp.fleet.desired + 1, "p99 latency"
+    need = apply_bounds(need, inp.fleet, inp.scheduled_floor)
+    desired, how = stabilize(need, inp.fleet, state, now, s, panic)
+    desired = apply_bounds(desired, inp.fleet, inp.scheduled_floor)
+    if desired > inp.fleet.desired:
+        state = replace(state, last_scale_out_t=now)
+    elif desired < inp.fleet.desired:
+        state = replace(state, last_scale_in_t=now)
+    keep = now - max(s.scale_in_stabilization_s, 60)
+    state = replace(state, recent=tuple((t, n) for t, n in state.recent if t > keep) + ((int(now), need),))
+    floor_note = ""
+    if desired == max(inp.fleet.min_size, inp.scheduled_floor) and need <= desired:
+        floor_note = " (at floor)"
+    reason = f"{how}: {signal}{floor_note}" if how != "hold" else f"hold: {signal} needs {need}"
+    fields = {
+        "policy": "predictive",
+        "previous_desired": inp.fleet.desired,
+        "load_peak": round(peak, 2),
+        "load_trend": round(trend, 2),
+        "forecast": round(forecast, 2),
+        "need": need,
+        "panic": panic,
+        "scheduled_floor": inp.scheduled_floor,
+    }
+    return Decision(desired, reason, state, fields)
+
+
+# ---------------------------------------------------------------------------------------------
+# alternatives for comparison
+
+
+def _per_instance(m: MinuteMetrics, fleet: FleetCounts) -> float:
+    n = m.instances or fleet.in_service
+    admitted = m.inflight + m.queue_depth
+    if m.throttled > 0 and m.requests > 0:
+        admitted *= (m.requests + m.throttled) / m.requests
+    return admitted / max(n, 1)
+
+
+def decide_target_tracking(
+    inp: PolicyInput, state: PolicyState, s: ScalingSettings, now: float
+) -> Decision:
+    """AWS-style target tracking on in-flight per instance.
+
+    Scale out when the last 3 one-minute datapoints are above target, scale in when the last 15
+    are below 90 % of target; new capacity is ``ceil(in_service * metric / target)``; instances
+    still warming up (pending) count toward the current capacity on scale-out.
+
+    >>> s = ScalingSettings(stage="t", asg_name="a")
+    >>> m = tuple(MinuteMetrics(t=60 * i, requests=1, inflight=32.0, instances=2) for i in range(3))
+    >>> decide_target_tracking(PolicyInput(m, FleetCounts(2, 2)), PolicyState(), s, 180).desired
+    4
+    """
+    fleet, target = inp.fleet, s.target_inflight_per_instance
+    metrics = inp.metrics
+    desired, reason = fleet.desired, "hold"
+    if len(metrics) >= 3 and all(_per_instance(m, fleet) > target for m in metrics[-3:]):
+        want = math.ceil(fleet.in_service * _per_instance(metrics[-1], fleet) / target - 1e-9)
+        if want > fleet.desired:
+            desired, reason = want, "scale-out: metric above target for 3 minutes"
+    elif (
+        len(metrics) >= 15
+        and fleet.pending == 0
+        and all(_per_instance(m, fleet) < 0.9 * target for m in metrics[-15:])
+    ):
+        want = math.ceil(fleet.in_service * _per_instance(metrics[-1], fleet) / target - 1e-9)
+        if want < fleet.desired:
+            desired, reason = want, "scale-in: metric below 90% of target for 15 minutes"
+    desired = apply_bounds(desired, fleet, inp.scheduled_floor)
+    fields = {"policy": "target_tracking", "previous_desired": fleet.desired}
+    return Decision(desired, reason, state, fields)
+
+
+def decide_step(inp: PolicyInput, state: PolicyState, s: ScalingSettings, now: float) -> Decision:
+    """The seed's step policy: +2 instances when in-flight per instance is above target, -1 when
+    below half of it, each at most once per 5-minute cooldown.
+
+    >>> s = ScalingSettings(stage="t", asg_name="a")
+    >>> m = (MinuteMetrics(t=0, requests=1, inflight=40.0, instances=2),)
+    >>> decide_step(PolicyInput(m, FleetCounts(2, 2)), PolicyState(), s, 60).desired
+    4
+    """
+    fleet, target = inp.fleet, s.target_inflight_per_instance
+    desired, reason = fleet.desired, "hold"
+    cooldown_s = 300
+    last_action = max(state.last_scale_out_t or -1e18, state.last_scale_in_t or -1e18)
+    if inp.metrics and now - last_action >= cooldown_s:
+        metric = _per_instance(inp.metrics[-1], fleet)
+        if metric > target:
+            desired, reason = fleet.desired + 2, "scale-out: +2 on high load"
+        elif metric < 0.5 * target:
+            desired, reason = fleet.desired - 1, "scale-in: -1 on low load"
+    desired = apply_bounds(desired, fleet, inp.scheduled_floor)
+    if desired > fleet.desired:
+        state = replace(state, last_scale_out_t=now)
+    elif desired < fleet.desired:
+        state = replace(state, last_scale_in_t=now)
+    return Decision(desired, reason, state, {"policy": "step", "previous_desired": fleet.desired})
+
+
+POLICIES = {
+    "predictive": decide_predictive,
+    "target_tracking": decide_target_tracking,
+    "step": decide_step,
+}
+
+
+def decide(policy: str, inp: PolicyInput, state: PolicyState, s: ScalingSettings, now: float) -> Decision:
+    """Run the named policy (``ScalingSettings.policy``) on the inputs."""
+    return POLICIES[policy](inp, state, s, now)
+
+
+def scheduled_floor(now: float, windows: Sequence[Any], time_zone: str) -> int:
+    """The capacity floor the schedule sets at ``now`` (epoch seconds) in ``time_zone``.
+
+    >>> from chalicelib.scaling_settings import parse_floor_schedule
+    >>> w = parse_floor_schedule("mon-fri 08:00-19:00=6; mon-sun 00:00-24:00=2")
+    >>> scheduled_floor(1785762000, w, "America/New_York")  # Mon 2026-08-03 09:00 EDT
+    6
+    >>> scheduled_floor(1785722400, w, "America/New_York")  # Sun 2026-08-02 22:00 EDT
+    2
+    """
+    from datetime import datetime
+    from zoneinfo import ZoneInfo
+
+    local = datetime.fromtimestamp(now, ZoneInfo(time_zone))
+    minute = local.hour * 60 + local.minute
+    floors = [w.floor for w in windows if local.weekday() in w.days and w.start_min <= minute < w.end_min]
+    return max(floors, default=0)
