@@ -1,0 +1,126 @@
+"""Settings of the inference server: one frozen dataclass, read from a mapping.
+
+``Settings.from_env(os.environ)`` in production, a plain dict in tests. Each field ``x`` is read
+from ``NLPFLEET_X`` (``max_wait_ms`` from ``NLPFLEET_MAX_WAIT_MS``); the CLI flags of
+``python -m inference.server`` are the same names (``--max-wait-ms``) and win over the
+environment. A missing required key or a bad value fails at start-up, naming the key.
+
+Example::
+
+    >>> s = Settings.from_env({"NLPFLEET_MODEL": "/m", "NLPFLEET_MAX_WAIT_MS": "5"})
+    >>> s.model, s.max_wait_ms, s.max_batch_tokens
+    ('/m', 5.0, 8192)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+PREFIX = "NLPFLEET_"
+TOKEN_OVERFLOW_POLICIES = ("truncate", "reject")
+
+
+class SettingsError(ValueError):
+    """A setting that is missing or cannot be used; the message names the environment key."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    # The artifact to serve: a local directory or s3://bucket/models/name/version/.
+    model: str
+    host: str = "0.0.0.0"
+    port: int = 8080
+    # Execution overrides; empty means "choose from the hardware and the manifest".
+    variant: str = ""
+    providers: tuple[str, ...] = ()
+    intra_op_threads: int = 0  # 0: ONNX Runtime's default (one per core)
+    # Dynamic batching: padded cost of a batch = longest sequence x texts.
+    max_batch_size: int = 32
+    max_batch_tokens: int = 8192
+    max_wait_ms: float = 2.0
+    # Admission: requests past this many in flight are refused at once with 429.
+    max_inflight_requests: int = 512
+    # Request limits (413 past them). Tokens past max_tokens_per_text are truncated or rejected.
+    max_texts_per_request: int = 64
+    max_chars_per_text: int = 2000
+    max_tokens_per_text: int = 128
+    token_overflow: str = "truncate"
+    # Shutdown: after SIGTERM keep admitting for drain_grace_s (the load balancer sees /readyz
+    # 503 and stops sending), then refuse new work and wait up to drain_timeout_s for in-flight.
+    drain_grace_s: float = 0.0
+    drain_timeout_s: float = 30.0
+    # Where s3:// artifacts are downloaded and where TensorRT keeps its engines across restarts.
+    model_cache_dir: str = "/var/lib/nlpfleet/models"
+    trt_cache_dir: str = "/var/cache/nlpfleet/trt"
+    s3_endpoint_url: str = ""
+    warmup_rounds: int = 3
+    log_level: str = "info"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Settings:
+        """Build settings from ``NLPFLEET_*`` keys of ``env``; unknown keys are ignored."""
+        values: dict[str, object] = {}
+        for f in dataclasses.fields(cls):
+            key = PREFIX + f.name.upper()
+            if key not in env:
+                if f.default is dataclasses.MISSING:
+                    raise SettingsError(f"{key} is required")
+                continue
+            values[f.name] = _parse(key, f.type, env[key])
+        return cls(**values)._validated()
+
+    def _validated(self) -> Settings:
+        def need(ok: bool, key: str, why: str) -> None:
+            if not ok:
+                raise SettingsError(f"{PREFIX}{key.upper()}: {why}")
+
+        need(bool(self.model), "model", "must name a directory or an s3:// URI")
+        need(0 < self.port < 65536, "port", "must be in 1..65535")
+        need(self.variant in ("", "fp32", "int8", "fp16"), "variant", "must be fp32, int8 or fp16")
+        for key in ("max_batch_size", "max_batch_tokens", "max_inflight_requests", "max_texts_per_request",
+                    "max_chars_per_text", "max_tokens_per_text"):  # fmt: skip
+            need(getattr(self, key) > 0, key, "must be positive")
+        need(self.max_wait_ms >= 0, "max_wait_ms", "must be >= 0")
+        need(self.intra_op_threads >= 0, "intra_op_threads", "must be >= 0")
+        need(self.drain_grace_s >= 0 and self.drain_timeout_s > 0, "drain_timeout_s", "must be positive")
+        need(self.token_overflow in TOKEN_OVERFLOW_POLICIES, "token_overflow", "must be truncate or reject")
+        # One text of the longest allowed length must always fit in a batch on its own.
+        need(
+            self.max_batch_tokens >= self.max_tokens_per_text,
+            "max_batch_tokens",
+            f"must be >= max_tokens_per_text ({self.max_tokens_per_text})",
+        )
+        return self
+
+    def env_key(self, name: str) -> str:
+        return PREFIX + name.upper()
+
+
+def _parse(key: str, typ: object, raw: str) -> object:
+    raw = raw.strip()
+    try:
+        if typ in ("int", int):
+            return int(raw)
+        if typ in ("float", float):
+            return float(raw)
+        if typ in ("tuple[str, ...]",):
+            return tuple(p.strip() for p in raw.split(",") if p.strip())
+        return raw
+    except ValueError:
+        raise SettingsError(f"{key}: cannot parse {raw!r} as {typ}") from None
+
+
+def cli_to_env(args: Mapping[str, object]) -> dict[str, str]:
+    """CLI values (argparse dest names equal to field names, ``None`` when not given) as
+    ``NLPFLEET_*`` keys, so flags and environment go through one parser."""
+    out: dict[str, str] = {}
+    for name, value in args.items():
+        if value is None:
+            continue
+        out[PREFIX + name.upper()] = ",".join(value) if isinstance(value, list | tuple) else str(value)
+    return out
+
+
+FIELD_NAMES = tuple(f.name for f in dataclasses.fields(Settings))
