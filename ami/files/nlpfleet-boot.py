@@ -175,7 +175,16 @@ def start(role: str, root: Path) -> None:
     cwa = root / CWA_CTL.relative_to("/")
     if cwa.exists():
         subprocess.run(
-            [str(cwa), "-a", "fetch-config", "-m", "ec2", "-s", "-c", "file:/run/nlpfleet/cloudwatch-agent.json"],
+            [
+                str(cwa),
+                "-a",
+                "fetch-config",
+                "-m",
+                "ec2",
+                "-s",
+                "-c",
+                "file:/run/nlpfleet/cloudwatch-agent.json",
+            ],
             check=False,  # logs are worth having, but not worth refusing the role over
         )
     subprocess.run(["systemctl", "start", "--no-block", *ROLE_UNITS[role]], check=True)

@@ -32,7 +32,11 @@ def main(argv=None) -> int:
     import numpy as np
     import onnxruntime as ort
 
-    want = ["CUDAExecutionProvider", "CPUExecutionProvider"] if args.variant == "gpu" else ["CPUExecutionProvider"]
+    want = (
+        ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        if args.variant == "gpu"
+        else ["CPUExecutionProvider"]
+    )
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(tmp) / "smoke.onnx"
         tiny_model(model)
