@@ -17,8 +17,8 @@ terminal: nothing leaves them.
 
 Example::
 
-    >>> from datetime import datetime, timezone
-    >>> now = datetime(2026, 11, 26, 10, 0, tzinfo=timezone.utc)
+    >>> from datetime import UTC, datetime
+    >>> now = datetime(2026, 11, 26, 10, 0, tzinfo=UTC)
     >>> spec = parse_job_spec({"type": "preprocess", "input_uri": "s3://bkt/datasets/c.csv"})
     >>> job = new_job("j-1", spec, now)
     >>> job = launched(job, instance_id="i-1", instance_type="c6i.xlarge", market="spot",
@@ -34,7 +34,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from chalicelib.catalog import BY_NAME
 from chalicelib.errors import InvalidJobSpec, InvalidTransition, Skip
@@ -177,10 +177,10 @@ class _Checker:
         self.out[key] = v
 
 
-def parse_job_spec(body: object, defaults: dict | None = None) -> dict:
+def parse_job_spec(body: object, defaults: dict | None = None, *, require_input: bool = True) -> dict:
     """Validate a job request (``POST /jobs``, ``POST /plan``, a dataset sidecar) and return
     it normalised with every default filled in. Raises ``InvalidJobSpec`` naming each bad
-    field.
+    field. ``POST /plan`` passes ``require_input=False``: a plan may state sizes instead.
 
     >>> parse_job_spec({"type": "finetune", "input_uri": "s3://bkt/d.csv"})
     Traceback (most recent call last):
@@ -199,7 +199,7 @@ def parse_job_spec(body: object, defaults: dict | None = None) -> dict:
     for key in unknown:
         c.errors[key] = f"unknown field for a {jtype} job"
     c.str("name", None, re.compile(r"^.{1,128}$"), "a string of 1-128 characters")
-    c.s3("input_uri", required=True)
+    c.s3("input_uri", required=require_input)
     c.s3("output_uri")
     c.float("deadline_h", None, 0.01, 24 * 365)
     c.float("max_hourly_usd", None, 0.01, 1000)
@@ -297,7 +297,7 @@ def workload_for(spec: dict, corpus_bytes: int | None = None) -> Workload:
 
 
 def iso(t: datetime) -> str:
-    return t.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def parse_iso(s: str) -> datetime:
@@ -450,8 +450,8 @@ def decide_instance_state(job: Job, instance_id: str, ec2_state: str, max_attemp
     another attempt's instance, a finished job, a state that moves nothing (duplicates and
     late deliveries land here).
 
-    >>> from datetime import datetime, timezone
-    >>> now = datetime(2026, 11, 26, tzinfo=timezone.utc)
+    >>> from datetime import UTC, datetime
+    >>> now = datetime(2026, 11, 26, tzinfo=UTC)
     >>> j = launched(new_job("j", parse_job_spec({"type": "preprocess", "input_uri": "s3://bkt/k"}), now),
     ...              instance_id="i-1", instance_type="c5.xlarge", market="spot", hourly_usd=0.17, now=now)
     >>> decide_instance_state(j, "i-1", "terminated", 3).action
