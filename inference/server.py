@@ -1,0 +1,561 @@
+"""The HTTP inference server every inference instance runs.
+
+    python -m inference.server --model DIR_OR_S3_URI --port 8080 [--max-batch-tokens 8192 ...]
+
+Endpoints: ``POST /v1/classify``, ``GET /healthz`` (alive), ``GET /readyz`` (model loaded and
+warmed, not draining), ``GET /metrics`` (Prometheus), ``GET /v1/model`` (manifest, variant,
+provider in use, limits), ``GET /openapi.json``, and ``POST /admin/swap {"uri": ...}`` (hot
+swap, loopback only; the instance agent calls it during a rollout).
+
+What it guarantees:
+- admission is bounded: past ``max_inflight_requests`` a request is answered 429 at once;
+- bad input is a 4xx naming the problem (``inference.serve_errors``), never a 500;
+- on SIGTERM, /readyz turns 503, admitted requests all finish, the process exits 0;
+- a hot swap loads and warms the new model beside the old one and switches atomically;
+  texts already queued finish on the model they were admitted under; an artifact that fails
+  verification is refused and the old model keeps serving.
+
+``create_app(settings)`` builds the ASGI app (tests run it in-process or as a subprocess).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import ipaddress
+import json
+import logging
+import os
+import re
+import signal
+import sys
+import time
+from pathlib import Path
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from inference.batching import Batcher
+from inference.serve_errors import ServeError
+from inference.serve_settings import FIELD_NAMES, Settings, SettingsError, cli_to_env
+
+log = logging.getLogger("nlpfleet.server")
+
+OPENAPI_PATH = Path(__file__).with_name("openapi.json")
+ALLOWED_FIELDS = {"inputs", "top_k"}
+# Latency buckets from 1 ms to 10 s: the autoscaler reads p99 against a 100 ms target.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class Metrics:
+    """The Prometheus series the autoscaler and operators read (one registry per app)."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("nlpfleet_requests", "Classify requests by HTTP status", ["code"], registry=r)
+        self.errors = Counter("nlpfleet_errors", "Failed requests by error kind", ["kind"], registry=r)
+        self.inflight = Gauge(
+            "nlpfleet_inflight_requests", "Admitted classify requests not answered yet", registry=r
+        )
+        self.queue = Gauge(
+            "nlpfleet_queue_depth", "Texts admitted and not yet in a running batch", registry=r
+        )
+        self.latency = Histogram(
+            "nlpfleet_request_latency_seconds",
+            "Latency of admitted classify requests",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.texts = Counter("nlpfleet_texts", "Texts classified", registry=r)
+        self.batch_size = Histogram(
+            "nlpfleet_batch_size", "Texts per batch", buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r
+        )
+        self.batch_tokens = Histogram(
+            "nlpfleet_batch_padded_tokens",
+            "Padded tokens per batch (longest x count)",
+            buckets=(16, 64, 256, 1024, 2048, 4096, 8192, 16384),
+            registry=r,
+        )
+        self.batch_seconds = Histogram(
+            "nlpfleet_batch_run_seconds", "Model run time per batch", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.ready = Gauge(
+            "nlpfleet_ready", "1 when the model is loaded and warm and the server not draining", registry=r
+        )
+        self.model_info = Gauge(
+            "nlpfleet_model_info",
+            "The model being served",
+            ["name", "version", "variant", "provider"],
+            registry=r,
+        )
+        self.swaps = Counter("nlpfleet_swaps", "Hot swaps by result", ["result"], registry=r)
+
+    # BatchMetrics protocol (inference.batching)
+    def observe_batch(self, size: int, padded_tokens: int, run_s: float) -> None:
+        self.batch_size.observe(size)
+        self.batch_tokens.observe(padded_tokens)
+        self.batch_seconds.observe(run_s)
+        self.texts.inc(size)
+
+    def set_queue_depth(self, n: int) -> None:
+        self.queue.set(n)
+
+
+class State:
+    """Mutable state of one server: the model in use, readiness, draining, admission count."""
+
+    def __init__(self, settings: Settings, metrics: Metrics):
+        self.settings = settings
+        self.metrics = metrics
+        self.model = None  # inference.runtime.Classifier once loaded
+        self.load_error: str | None = None
+        self.draining = False  # SIGTERM received: /readyz 503
+        self.refusing = False  # past the drain grace: new work gets 503
+        self.inflight = 0
+        self.swap_lock = asyncio.Lock()
+        self.batcher: Batcher | None = None
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    @property
+    def ready(self) -> bool:
+        return self.model is not None and not self.draining
+
+    def set_model(self, clf) -> None:
+        # One assignment on the event loop thread: requests see either the old or the new model.
+        old, self.model = self.model, clf
+        if old is not None:
+            self.metrics.model_info.remove(old.name, old.version, old.variant, old.providers_in_use[0])
+        self.metrics.model_info.labels(clf.name, clf.version, clf.variant, clf.providers_in_use[0]).set(1)
+        self.metrics.ready.set(1 if self.ready else 0)
+
+    def admit(self) -> bool:
+        """Take an in-flight slot, or refuse at once: waiting here is what lets latency and
+        memory grow without bound under overload."""
+        if self.inflight >= self.settings.max_inflight_requests:
+            return False
+        self.inflight += 1
+        self.idle.clear()
+        self.metrics.inflight.set(self.inflight)
+        return True
+
+    def release(self) -> None:
+        self.inflight -= 1
+        self.metrics.inflight.set(self.inflight)
+        if self.inflight == 0:
+            self.idle.set()
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a client address is this machine's loopback (the only callers of /admin/swap)."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _error(e: ServeError, metrics: Metrics | None = None) -> JSONResponse:
+    if metrics is not None:
+        metrics.errors.labels(e.kind).inc()
+    return JSONResponse(e.body(), status_code=e.status)
+
+
+def parse_classify(body: bytes, settings: Settings, n_labels: int) -> tuple[list[str], int]:
+    """Validate a classify request body; return (texts, top_k) or raise ``ServeError``.
+
+    >>> s = Settings.from_env({"NLPFLEET_MODEL": "/m"})
+    >>> parse_classify(b'{"inputs": ["hi"], "top_k": 2}', s, 77)
+    (['hi'], 2)
+    >>> parse_classify(b'{"inputs": []}', s, 77)
+    Traceback (most recent call last):
+    ...
+    inference.serve_errors.ServeError: 'inputs' is empty: send at least one text
+    """
+    if not body.strip():
+        raise ServeError("empty", 'request body is empty: send {"inputs": ["text", ...]}')
+    try:
+        doc = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ServeError("malformed", f"request body is not valid JSON: {e}") from None
+    if not isinstance(doc, dict):
+        raise ServeError("malformed", f"request body must be a JSON object, got {type(doc).__name__}")
+    unknown = sorted(set(doc) - ALLOWED_FIELDS)
+    if unknown:
+        raise ServeError("invalid", f"unknown field(s) {unknown}: allowed are {sorted(ALLOWED_FIELDS)}")
+    if "inputs" not in doc:
+        raise ServeError("invalid", "field 'inputs' is required (a list of strings)")
+    texts = doc["inputs"]
+    if not isinstance(texts, list):
+        raise ServeError("invalid", f"'inputs' must be a list of strings, got {type(texts).__name__}")
+    if not texts:
+        raise ServeError("empty", "'inputs' is empty: send at least one text")
+    if len(texts) > settings.max_texts_per_request:
+        raise ServeError(
+            "too_large", f"{len(texts)} texts in one request; at most {settings.max_texts_per_request}"
+        )
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise ServeError("invalid", f"inputs[{i}] must be a string, got {type(t).__name__}")
+        if not t.strip():
+            raise ServeError("empty", f"inputs[{i}] is empty")
+        if len(t) > settings.max_chars_per_text:
+            raise ServeError(
+                "too_large", f"inputs[{i}] has {len(t)} characters; at most {settings.max_chars_per_text}"
+            )
+    top_k = doc.get("top_k", 1)
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= n_labels:
+        raise ServeError("invalid", f"'top_k' must be an integer in 1..{n_labels}, got {top_k!r}")
+    return texts, top_k
+
+
+def _max_body_bytes(s: Settings) -> int:
+    # Worst case of a valid request: every character escaped as \uXXXX, plus JSON framing.
+    return s.max_texts_per_request * (s.max_chars_per_text * 6 + 8) + 1024
+
+
+def _cache_dir_for(uri: str, root: str) -> Path:
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", uri.removeprefix("s3://").strip("/"))
+    return Path(root) / safe
+
+
+def resolve_model(uri: str, settings: Settings, s3_client=None) -> Path:
+    """A local artifact directory for ``uri``: the directory itself, or an ``s3://`` artifact
+    fetched (and verified) into the model cache."""
+    if not uri.startswith("s3://"):
+        return Path(uri)
+    from inference.artifact import fetch_artifact
+
+    if s3_client is None:
+        import boto3
+
+        s3_client = boto3.client("s3", endpoint_url=settings.s3_endpoint_url or None)
+    return fetch_artifact(uri, _cache_dir_for(uri, settings.model_cache_dir), s3_client)
+
+
+def load_and_warm(uri: str, settings: Settings, s3_client=None):
+    """Blocking: fetch/verify/load/warm a model (runs in a worker thread)."""
+    from inference.runtime import load_classifier
+
+    t0 = time.perf_counter()
+    clf = load_classifier(
+        resolve_model(uri, settings, s3_client),
+        variant=settings.variant or None,
+        providers=list(settings.providers) or None,
+        max_tokens_per_text=settings.max_tokens_per_text,
+        intra_op_threads=settings.intra_op_threads,
+        max_batch_size=settings.max_batch_size,
+        trt_cache_dir=settings.trt_cache_dir,
+    )
+    clf.warmup(settings.warmup_rounds, settings.max_batch_size)
+    log.info(
+        "model %s/%s ready in %.1fs: variant=%s provider=%s",
+        clf.name,
+        clf.version,
+        time.perf_counter() - t0,
+        clf.variant,
+        clf.providers_in_use[0],
+    )
+    return clf
+
+
+def create_app(settings: Settings, *, s3_client=None) -> Starlette:
+    """The ASGI app. The model loads in the background after start-up, so /healthz answers
+    while it loads and /readyz says 503 until it is loaded and warmed."""
+    metrics = Metrics()
+    state: State | None = None
+    loader: asyncio.Task | None = None
+
+    def st() -> State:
+        assert state is not None, "app not started"
+        return state
+
+    async def load_initial() -> None:
+        s = st()
+        try:
+            clf = await asyncio.to_thread(load_and_warm, settings.model, settings, s3_client)
+        except Exception as e:
+            s.load_error = f"{type(e).__name__}: {e}"
+            log.error("cannot load model %s: %s", settings.model, s.load_error)
+            if app.state.on_fatal:
+                app.state.on_fatal()
+            return
+        s.set_model(clf)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app_):
+        nonlocal state, loader
+        state = State(settings, metrics)
+        state.batcher = Batcher(
+            max_batch_size=settings.max_batch_size,
+            max_batch_tokens=settings.max_batch_tokens,
+            max_wait_ms=settings.max_wait_ms,
+            token_overflow=settings.token_overflow,
+            metrics=metrics,
+        )
+        state.batcher.start()
+        app.state.server_state = state
+        loader = asyncio.get_running_loop().create_task(load_initial())
+        yield
+        loader.cancel()
+        await state.batcher.stop()
+
+    async def classify(request: Request) -> Response:
+        s = st()
+        code = 200
+        try:
+            if s.refusing:
+                raise ServeError("draining", "server is shutting down; retry on another instance")
+            if s.model is None:
+                why = f"model failed to load: {s.load_error}" if s.load_error else "model is loading"
+                raise ServeError("not_ready", why)
+            if not s.admit():
+                raise ServeError(
+                    "overloaded", f"{settings.max_inflight_requests} requests already in flight; retry later"
+                )
+        except ServeError as e:
+            metrics.requests.labels(str(e.status)).inc()
+            return _error(e, metrics)
+        t0 = time.perf_counter()
+        model = s.model  # the model this request is admitted under, even if a swap follows
+        try:
+            length = request.headers.get("content-length")
+            if length is not None and length.isdigit() and int(length) > _max_body_bytes(settings):
+                raise ServeError(
+                    "too_large", f"request body of {length} bytes is over {_max_body_bytes(settings)}"
+                )
+            body = await request.body()
+            if len(body) > _max_body_bytes(settings):
+                raise ServeError(
+                    "too_large", f"request body of {len(body)} bytes is over {_max_body_bytes(settings)}"
+                )
+            texts, top_k = parse_classify(body, settings, len(model.labels))
+            results = await s.batcher.submit(model, texts, top_k)
+            resp = JSONResponse({"model": {"name": model.name, "version": model.version}, "results": results})
+        except ServeError as e:
+            code = e.status
+            resp = _error(e, metrics)
+        except Exception as e:  # a bug of ours: a 500 with the traceback in the log
+            log.exception("classify failed")
+            code = 500
+            resp = _error(ServeError("backend", f"internal error: {type(e).__name__}"), metrics)
+        finally:
+            s.release()
+        metrics.latency.observe(time.perf_counter() - t0)
+        metrics.requests.labels(str(code)).inc()
+        return resp
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "alive"})
+
+    async def readyz(request: Request) -> Response:
+        s = st()
+        if s.draining:
+            return _error(ServeError("draining", "draining: finishing in-flight requests"))
+        if s.model is None:
+            why = f"model failed to load: {s.load_error}" if s.load_error else "model is loading"
+            return _error(ServeError("not_ready", why))
+        return JSONResponse({"status": "ready", "model": {"name": s.model.name, "version": s.model.version}})
+
+    async def metrics_endpoint(request: Request) -> Response:
+        if state is not None:
+            metrics.ready.set(1 if state.ready else 0)
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def model_info(request: Request) -> Response:
+        s = st()
+        if s.model is None:
+            return _error(ServeError("not_ready", s.load_error or "model is loading"))
+        return JSONResponse(
+            {
+                **s.model.describe(),
+                "limits": {
+                    "max_texts_per_request": settings.max_texts_per_request,
+                    "max_chars_per_text": settings.max_chars_per_text,
+                    "max_tokens_per_text": s.model.max_tokens,
+                    "token_overflow": settings.token_overflow,
+                    "max_inflight_requests": settings.max_inflight_requests,
+                },
+                "batching": {
+                    "max_batch_size": settings.max_batch_size,
+                    "max_batch_tokens": settings.max_batch_tokens,
+                    "max_wait_ms": settings.max_wait_ms,
+                },
+            }
+        )
+
+    async def openapi(request: Request) -> Response:
+        return Response(OPENAPI_PATH.read_bytes(), media_type="application/json")
+
+    async def swap(request: Request) -> Response:
+        s = st()
+        client = request.client.host if request.client else ""
+        if not is_loopback(client):
+            return _error(ServeError("forbidden", "/admin/swap is only served on loopback"), metrics)
+        try:
+            doc = json.loads(await request.body() or b"null")
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return _error(ServeError("malformed", 'body must be JSON: {"uri": ...}'), metrics)
+        if not isinstance(doc, dict) or not isinstance(doc.get("uri"), str) or not doc["uri"]:
+            return _error(ServeError("invalid", 'body must be {"uri": "DIR or s3://..."}'), metrics)
+        if s.draining:
+            return _error(ServeError("draining", "server is draining"), metrics)
+        if s.swap_lock.locked():
+            return _error(ServeError("conflict", "a swap is already in progress"), metrics)
+        async with s.swap_lock:
+            t0 = time.perf_counter()
+            try:
+                new = await asyncio.to_thread(load_and_warm, doc["uri"], settings, s3_client)
+                want = doc.get("manifest_sha256")
+                if want:
+                    got = hashlib.sha256((new.artifact_dir / "manifest.json").read_bytes()).hexdigest()
+                    if got != want:
+                        raise ValueError(f"manifest sha256 {got} != expected {want}")
+                if s.model is not None and new.labels != s.model.labels:
+                    log.warning(
+                        "swap changes the label set (%d -> %d labels)", len(s.model.labels), len(new.labels)
+                    )
+            except Exception as e:
+                metrics.swaps.labels("refused").inc()
+                log.error("swap to %s refused: %s", doc["uri"], e)
+                return _error(
+                    ServeError("invalid", f"swap to {doc['uri']} refused, old model kept: {e}"[:2000]),
+                    metrics,
+                )
+            old = s.model
+            s.set_model(new)
+            metrics.swaps.labels("ok").inc()
+            log.info("swapped %s/%s -> %s/%s", old and old.name, old and old.version, new.name, new.version)
+            return JSONResponse(
+                {
+                    "swapped": True,
+                    "previous": {"name": old.name, "version": old.version} if old else None,
+                    "model": {"name": new.name, "version": new.version, "variant": new.variant},
+                    "load_s": round(time.perf_counter() - t0, 3),
+                }
+            )
+
+    app = Starlette(
+        routes=[
+            Route("/v1/classify", classify, methods=["POST"]),
+            Route("/healthz", healthz, methods=["GET"]),
+            Route("/readyz", readyz, methods=["GET"]),
+            Route("/metrics", metrics_endpoint, methods=["GET"]),
+            Route("/v1/model", model_info, methods=["GET"]),
+            Route("/openapi.json", openapi, methods=["GET"]),
+            Route("/admin/swap", swap, methods=["POST"]),
+        ],
+        lifespan=lifespan,
+    )
+    app.state.on_fatal = None
+    app.state.metrics = metrics
+    return app
+
+
+async def drain(state: State, settings: Settings, now=time.monotonic) -> bool:
+    """SIGTERM: readiness 503 at once; keep admitting for ``drain_grace_s`` (the load balancer
+    notices and stops routing here), then refuse new work and wait for in-flight requests.
+    Returns True when every admitted request finished within ``drain_timeout_s``."""
+    state.draining = True
+    state.metrics.ready.set(0)
+    log.info("draining: %d in flight, grace %.1fs", state.inflight, settings.drain_grace_s)
+    if settings.drain_grace_s:
+        await asyncio.sleep(settings.drain_grace_s)
+    state.refusing = True
+    try:
+        await asyncio.wait_for(state.idle.wait(), settings.drain_timeout_s)
+    except TimeoutError:
+        log.error("drain timed out with %d requests in flight", state.inflight)
+        return False
+    log.info("drained")
+    return True
+
+
+def _arg_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m inference.server",
+        description="nlpfleet inference server. Every flag can also be set as NLPFLEET_<NAME> in the environment.",
+    )
+    for name in FIELD_NAMES:
+        flag = "--" + name.replace("_", "-")
+        p.add_argument(flag, dest=name, default=None, help=f"env NLPFLEET_{name.upper()}")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    import uvicorn
+
+    args = vars(_arg_parser().parse_args(argv))
+    try:
+        settings = Settings.from_env({**os.environ, **cli_to_env(args)})
+    except SettingsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+    app = create_app(settings)
+    exit_code = 0
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):  # called by uvicorn's signal handler
+            if sig == signal.SIGTERM and not self.should_exit:
+                self._loop.call_soon_threadsafe(self._begin_drain)
+            else:
+                super().handle_exit(sig, frame)
+
+        def _begin_drain(self):
+            state = app.state.server_state
+            if state.draining:
+                return
+
+            async def run():
+                nonlocal exit_code
+                ok = await drain(state, settings)
+                exit_code = 0 if ok else 1
+                self.should_exit = True
+
+            asyncio.get_running_loop().create_task(run())
+
+        async def startup(self, sockets=None):
+            self._loop = asyncio.get_running_loop()
+            await super().startup(sockets)
+
+    def on_fatal():
+        nonlocal exit_code
+        exit_code = 1
+        server.should_exit = True
+
+    app.state.on_fatal = on_fatal
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        access_log=False,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=int(settings.drain_timeout_s),
+        backlog=4096,
+    )
+    server = Server(config)
+    server.run()
+    return exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
