@@ -366,6 +366,8 @@ def transition(job: Job, to: str, *, reason: str, now: datetime, **changes) -> J
     entry = {"from": job.state, "to": to, "at": t, "reason": reason}
     if job.instance_id or changes.get("instance_id"):
         entry["instance_id"] = changes.get("instance_id", job.instance_id)
+    if to == FAILED:
+        changes.setdefault("error", reason)
     attempts = job.attempts
     if to in TERMINAL or to == LAUNCHED:
         attempts = _close_attempt(attempts, t)

@@ -14,7 +14,6 @@ Example::
 
 from __future__ import annotations
 
-import base64
 import json
 from dataclasses import dataclass
 
@@ -127,7 +126,8 @@ class Ec2:
         """Try each option in order; the first that EC2 accepts wins. Raises
         ``CapacityUnavailable`` when every option hit a capacity error."""
         tried: list[str] = []
-        payload = base64.b64encode(json.dumps(data).encode()).decode()
+        # boto3 base64-encodes UserData for RunInstances itself.
+        payload = json.dumps(data, separators=(",", ":"))
         for index, opt in enumerate(options):
             token = client_token(job_id, attempt, index)
             found = self._existing(token)
