@@ -36,7 +36,8 @@ def chalice_package(
     merge_template: str | Path | None = None,
     env: dict | None = None,
 ) -> Path:
-    """Run ``chalice package`` (CloudFormation format) and return the template's path."""
+    """Run ``chalice package`` (CloudFormation format) and return the template's path
+    (``sam.json``, or ``sam.yaml`` when the merged template is YAML: chalice then writes YAML)."""
     chalice = Path(sys.executable).with_name("chalice")
     cmd = [
         str(chalice),
@@ -58,7 +59,8 @@ def chalice_package(
     proc = subprocess.run(cmd, capture_output=True, text=True, env=run_env, timeout=300)
     if proc.returncode != 0:
         raise RuntimeError(f"chalice package failed ({proc.returncode}): {proc.stderr or proc.stdout}")
-    return Path(out_dir) / "sam.json"
+    out = Path(out_dir)
+    return out / "sam.json" if (out / "sam.json").exists() else out / "sam.yaml"
 
 
 @dataclass(frozen=True)
@@ -151,7 +153,7 @@ def deploy(
 
 def _apply_bucket_notifications(moto_template: dict, cf, s3, stack_name: str) -> None:
     physical = {
-        r["LogicalResourceId"]: r["PhysicalResourceId"]
+        r.get("LogicalResourceId"): r.get("PhysicalResourceId")
         for r in cf.describe_stack_resources(StackName=stack_name)["StackResources"]
     }
     for lid, res in moto_template["Resources"].items():

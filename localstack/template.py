@@ -13,8 +13,11 @@ resources but cannot run the SAM transform or a Lambda, so this module splits th
   place of the Lambda: a ``CloudWatchEvent`` event becomes an ``AWS::Events::Rule`` with that
   pattern, a ``Schedule`` event a rule with that schedule expression (the local clock fires
   it). ``SQS`` events keep their own queue;
-- ``AWS::AutoScaling::LifecycleHook`` resources, which moto skips, are returned so that the stack
-  can apply them with ``PutLifecycleHook`` once their properties are resolved.
+- lifecycle hooks, which moto's CloudFormation skips (``AWS::AutoScaling::LifecycleHook``
+  resources and an Auto Scaling group's ``LifecycleHookSpecificationList``), are returned so
+  that the stack can apply them with ``PutLifecycleHook`` once their properties are resolved;
+- SAM ``Globals.Function`` are applied to every function as the SAM transform does (a function's
+  own environment variables override the global ones), then left out of moto's template.
 
 Values only the deployed stack knows (a table's name, a queue's URL) are resolved by moto
 itself: each one is added to the template as an ``Output`` and read back after ``CreateStack``.
@@ -155,10 +158,14 @@ def split_template(doc: dict) -> LocalPlan:
         return {"Output": out_key}
 
     functions: list[LocalFunction] = []
+    globals_fn = (doc.get("Globals") or {}).get("Function") or {}
     for lid, res in resources.items():
         if res.get("Type") != "AWS::Serverless::Function":
             continue
-        props = res.get("Properties", {})
+        props = {k: v for k, v in globals_fn.items() if k != "Environment"} | res.get("Properties", {})
+        variables = dict(((globals_fn.get("Environment") or {}).get("Variables") or {}))
+        variables.update(((props.get("Environment") or {}).get("Variables")) or {})
+        props["Environment"] = {"Variables": variables}
         env = {
             name: export(value, f"{lid}Env{name}")
             for name, value in props.get("Environment", {}).get("Variables", {}).items()
@@ -204,6 +211,10 @@ def split_template(doc: dict) -> LocalPlan:
             )
         )
 
+    for lid, res in moto_resources.items():
+        if res.get("Type") == "AWS::AutoScaling::AutoScalingGroup":
+            for i, spec in enumerate(res.get("Properties", {}).get("LifecycleHookSpecificationList") or []):
+                hooks_raw.append((f"{lid}Hook{i}", {**spec, "AutoScalingGroupName": {"Ref": lid}}))
     hooks = []
     for lid, props in hooks_raw:
         hook = {k: export(v, f"{lid}{k}") for k, v in props.items()}
@@ -212,7 +223,7 @@ def split_template(doc: dict) -> LocalPlan:
 
     moto_outputs = {k: v for k, v in outputs.items() if not (_refs(v) & local_ids)}
     skipped.extend(f"Outputs.{k} (refers to a Lambda resource)" for k in outputs if k not in moto_outputs)
-    moto_template = {k: v for k, v in doc.items() if k not in ("Transform", "Resources", "Outputs")}
+    moto_template = {k: v for k, v in doc.items() if k not in ("Transform", "Globals", "Resources", "Outputs")}
     moto_template["Resources"] = moto_resources
     if moto_outputs:
         moto_template["Outputs"] = moto_outputs

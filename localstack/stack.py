@@ -1,0 +1,328 @@
+"""The embedded default: the whole product on one machine, against a local AWS stand-in.
+
+``LocalStack.up()`` starts, in this process:
+
+1. a moto server on 127.0.0.1 (``localstack/moto.py``);
+2. the stack, created from the template a real deployment uses (``chalice package
+   --merge-template infra/nlpfleet.yaml``, ``localstack/deploy.py``), with the deployment
+   parameters an operator would pass (here: moto's default VPC, subnets and an AMI id);
+3. the Chalice app's REST API behind Chalice's local server (what API Gateway does), and its
+   event handlers behind the dispatcher (EventBridge rule → SQS → handler, as Lambda would);
+4. the local clock that fires scheduled rules (``speed`` × real time);
+5. EC2 instances as local processes (``localstack/instances.py``), Auto Scaling lifecycle
+   behaviour moto lacks (``localstack/asg_lifecycle.py``, when present) and the load balancer
+   (``localstack/lb.py``) that routes to the target group's registered, healthy instances.
+
+``down()`` stops all of it; no process is left behind. ``python -m localstack.stack`` runs a
+stack until SIGTERM/SIGINT and writes ``<state_dir>/stack.json`` (URLs, pid) once it is up:
+that is what ``nlpfleet up`` starts and ``nlpfleet down`` stops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from localstack.clock import Clock, Scheduler
+from localstack.deploy import Deployment, chalice_package, deploy
+from localstack.dispatcher import Dispatcher, Route, is_scheduled_event, load_handler
+from localstack.instances import InstanceManager, LocalInstance
+from localstack.lb import LoadBalancer
+from localstack.moto import ACCOUNT_ID, LOOPBACK, REGION, MotoServer
+from localstack.template import load_template
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[1]
+STATE_FILE = "stack.json"
+# Environment the instance processes inherit from this machine (the rest is theirs).
+_PASS_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "PYTHONPATH", "OMP_NUM_THREADS", "NLPFLEET_SHARED")
+
+
+def default_state_dir() -> Path:
+    return Path(os.environ.get("NLPFLEET_LOCAL_DIR", Path.home() / ".nlpfleet" / "local"))
+
+
+@dataclass
+class StackConfig:
+    project_dir: Path = REPO
+    state_dir: Path = field(default_factory=default_state_dir)
+    stage: str = "dev"
+    speed: float = 1.0  # local clock: virtual seconds per real second
+    infra_template: str = "infra/nlpfleet.yaml"
+    api_port: int = 0
+    lb_port: int = 0
+    parameters: dict[str, str] = field(default_factory=dict)  # CloudFormation parameter overrides
+    env_overrides: dict[str, str] = field(default_factory=dict)  # handler environment overrides
+    instance_env: dict[str, str] = field(default_factory=dict)  # extra environment for instances
+    grace_s: float = 15.0  # SIGTERM → SIGKILL for a stopping instance
+
+    @classmethod
+    def from_dict(cls, d: dict) -> StackConfig:
+        d = dict(d)
+        for k in ("project_dir", "state_dir"):
+            if k in d:
+                d[k] = Path(d[k])
+        return cls(**d)
+
+    def as_dict(self) -> dict:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
+
+
+class LocalStack:
+    def __init__(self, config: StackConfig):
+        self.config = config
+        self.moto: MotoServer | None = None
+        self.deployment: Deployment | None = None
+        self.dispatcher: Dispatcher | None = None
+        self.clock: Clock | None = None
+        self.scheduler: Scheduler | None = None
+        self.instances: InstanceManager | None = None
+        self.lb: LoadBalancer | None = None
+        self.lifecycle = None
+        self.api_url: str | None = None
+        self._api_server = None
+        self._api_thread: threading.Thread | None = None
+        self._saved_env: dict[str, str | None] = {}
+
+    # -- the parts
+    def client(self, service: str):
+        return self.moto.client(service)
+
+    def _parameters(self) -> dict[str, str]:
+        """The parameters an operator passes to ``aws cloudformation deploy``; locally the VPC,
+        subnets and AMI are moto's defaults."""
+        ec2 = self.client("ec2")
+        vpc = ec2.describe_vpcs(Filters=[{"Name": "is-default", "Values": ["true"]}])["Vpcs"][0]["VpcId"]
+        subnets = sorted(
+            ec2.describe_subnets(Filters=[{"Name": "vpc-id", "Values": [vpc]}])["Subnets"],
+            key=lambda s: s["AvailabilityZone"],
+        )
+        subnet_ids = ",".join(s["SubnetId"] for s in subnets[:2])
+        ami = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+        params = {
+            "Stage": self.config.stage,
+            "VpcId": vpc,
+            "SubnetIds": subnet_ids,
+            "LoadBalancerSubnetIds": subnet_ids,
+            "AmiId": ami,
+        }
+        params.update(self.config.parameters)
+        template_params = self._template.get("Parameters", {})
+        return {k: v for k, v in params.items() if k in template_params}
+
+    def _set_env(self, env: dict[str, str]) -> None:
+        """The handlers run in this process: their Lambda environment is ours."""
+        for k, v in env.items():
+            self._saved_env.setdefault(k, os.environ.get(k))
+            os.environ[k] = v
+
+    def _restore_env(self) -> None:
+        for k, v in self._saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        self._saved_env.clear()
+
+    def _start_api(self, app_obj) -> None:
+        from chalice.cli.factory import CLIFactory
+        from chalice.local import create_local_server
+
+        factory = CLIFactory(str(self.config.project_dir))
+        chalice_config = factory.create_config_obj(chalice_stage_name=self.config.stage)
+        server = create_local_server(app_obj, chalice_config, LOOPBACK, self.config.api_port)
+        self._api_server = server
+        self._api_thread = threading.Thread(target=server.server.serve_forever, name="api", daemon=True)
+        self._api_thread.start()
+        self.api_url = f"http://{LOOPBACK}:{server.server.server_address[1]}"
+
+    def _routes(self, dep: Deployment) -> list[Route]:
+        routes = []
+        for fn in dep.functions:
+            if fn.logical_id not in dep.queues:
+                continue
+            kinds = {e.kind for e in fn.events}
+            routes.append(
+                Route(
+                    name=fn.logical_id,
+                    queue_url=dep.queues[fn.logical_id],
+                    handler=load_handler(fn.handler, self.config.project_dir),
+                    kind="sqs" if kinds == {"SQS"} else "eventbridge",
+                    timeout_s=fn.timeout_s,
+                    memory_mb=fn.memory_mb,
+                    accept=is_scheduled_event if kinds == {"Schedule"} else None,
+                )
+            )
+        return routes
+
+    def _instance_env(self) -> dict[str, str]:
+        env = {k: os.environ[k] for k in _PASS_ENV if k in os.environ}
+        env.update(self.moto.env)
+        env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"})
+        env.update(self.config.instance_env)
+        return env
+
+    def _on_impaired(self, inst: LocalInstance) -> None:
+        """A crashed box fails its EC2 status check: Auto Scaling marks it unhealthy."""
+        if inst.role != "inference":
+            return
+        try:
+            self.client("autoscaling").set_instance_health(
+                InstanceId=inst.instance_id, HealthStatus="Unhealthy", ShouldRespectGracePeriod=False
+            )
+        except Exception:
+            log.exception("cannot mark %s unhealthy", inst.instance_id)
+
+    def targets(self) -> dict[str, str]:
+        """Registered targets of the inference target group, as local URLs."""
+        tg = self.deployment.environment().get("INFERENCE_TARGET_GROUP_ARN")
+        if not tg:
+            return {}
+        health = self.client("elbv2").describe_target_health(TargetGroupArn=tg)["TargetHealthDescriptions"]
+        out = {}
+        for d in health:
+            inst = self.instances.instances.get(d["Target"]["Id"])
+            if inst is not None and inst.url and d.get("TargetHealth", {}).get("State") != "draining":
+                out[inst.instance_id] = inst.url
+        return out
+
+    # -- up / down
+    def up(self) -> LocalStack:
+        cfg = self.config
+        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        t0 = time.monotonic()
+        self.moto = MotoServer().start()
+        template_path = chalice_package(
+            cfg.project_dir,
+            cfg.state_dir / "package",
+            stage=cfg.stage,
+            merge_template=cfg.project_dir / cfg.infra_template,
+        )
+        self._template = load_template(template_path)
+        self.deployment = deploy(
+            self._template, self.client, stack_name=f"nlpfleet-{cfg.stage}", parameters=self._parameters()
+        )
+        env = dict(self.moto.env)
+        env.update(self.deployment.environment())
+        env["NLPFLEET_ENDPOINT_URL"] = self.moto.endpoint_url
+        env.update(cfg.env_overrides)
+        self._set_env(env)
+
+        routes = self._routes(self.deployment)
+        self.dispatcher = Dispatcher(routes, self.client).start()
+        self._start_api(load_handler("app.app", cfg.project_dir))
+        self.clock = Clock(speed=cfg.speed)
+        self.scheduler = Scheduler(self.clock, self.client).start()
+        self.instances = InstanceManager(
+            self.client,
+            cfg.state_dir,
+            endpoint_url=self.moto.endpoint_url,
+            base_env=self._instance_env(),
+            region=REGION,
+            account=ACCOUNT_ID,
+            grace_s=cfg.grace_s,
+            on_impaired=self._on_impaired,
+        ).start()
+        self.lifecycle = self._start_lifecycle()
+        self.lb = LoadBalancer(self.targets).start()
+        log.info("local stack up in %.1fs: api %s, lb %s", time.monotonic() - t0, self.api_url, self.lb.url)
+        return self
+
+    def _start_lifecycle(self):
+        """Auto Scaling behaviour moto lacks (lifecycle waits, CompleteLifecycleAction, events):
+        ``localstack/asg_lifecycle.py``, owned by the autoscaling part."""
+        try:
+            from localstack import asg_lifecycle  # noqa: F401
+        except ImportError:
+            log.warning("localstack/asg_lifecycle.py is missing: lifecycle hooks are not enforced")
+            return None
+        return None
+
+    def down(self) -> None:
+        for name, stop in (
+            ("load balancer", lambda: self.lb and self.lb.stop()),
+            ("lifecycle", lambda: self.lifecycle and self.lifecycle.stop()),
+            ("scheduler", lambda: self.scheduler and self.scheduler.stop()),
+            ("instances", lambda: self.instances and self.instances.stop()),
+            ("dispatcher", lambda: self.dispatcher and self.dispatcher.stop()),
+            ("api", self._stop_api),
+            ("moto", lambda: self.moto and self.moto.stop()),
+        ):
+            try:
+                stop()
+            except Exception:
+                log.exception("stopping the %s failed", name)
+        self._restore_env()
+
+    def _stop_api(self) -> None:
+        if self._api_server is not None:
+            self._api_server.shutdown()
+            self._api_server.server.server_close()
+            self._api_thread.join(timeout=5)
+
+    def describe(self) -> dict:
+        return {
+            "pid": os.getpid(),
+            "api_url": self.api_url,
+            "lb_url": self.lb.url if self.lb else None,
+            "endpoint_url": self.moto.endpoint_url if self.moto else None,
+            "region": REGION,
+            "stage": self.config.stage,
+            "speed": self.config.speed,
+            "outputs": self.deployment.outputs if self.deployment else {},
+            "environment": self.deployment.environment() if self.deployment else {},
+            "state_dir": str(self.config.state_dir),
+            "started_at": time.time(),
+        }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m localstack.stack", description="Run the local stack until stopped.")
+    ap.add_argument("--config", type=Path, help="StackConfig as JSON")
+    ap.add_argument("--state-dir", type=Path)
+    args = ap.parse_args(argv)
+    cfg = StackConfig.from_dict(json.loads(args.config.read_text())) if args.config else StackConfig()
+    if args.state_dir:
+        cfg.state_dir = args.state_dir
+    cfg.state_dir.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        handlers=[logging.FileHandler(cfg.state_dir / "stack.log")],
+    )
+    for noisy in ("werkzeug", "botocore", "urllib3", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *a: stop.set())
+    signal.signal(signal.SIGINT, lambda *a: stop.set())
+    stack = LocalStack(cfg)
+    state_file = cfg.state_dir / STATE_FILE
+    try:
+        stack.up()
+        tmp = state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(stack.describe(), indent=2))
+        tmp.replace(state_file)
+        print(json.dumps({"api_url": stack.api_url, "lb_url": stack.lb.url}), flush=True)
+        while not stop.wait(0.5):
+            pass
+    except Exception:
+        log.exception("local stack failed")
+        raise
+    finally:
+        stack.down()
+        state_file.unlink(missing_ok=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
