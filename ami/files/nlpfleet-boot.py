@@ -38,7 +38,7 @@ REQUIRED = {
 }
 CWA_TEMPLATE = Path("/opt/nlpfleet/share/cloudwatch-agent.json")
 CWA_CTL = Path("/opt/aws/amazon-cloudwatch-agent/bin/amazon-cloudwatch-agent-ctl")
-_SECRET_KEY = re.compile(r"(secret|password|passwd|private_key|session_token|access_key)", re.I)
+_SECRET_KEY = re.compile(r"secret|password|passwd|private_key|access_key|(^|_)(token|api_?key)$", re.I)
 _SECRET_VALUE = re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b")
 
 
@@ -136,8 +136,9 @@ def render_env(doc: dict, model: dict | None) -> dict[str, str]:
         "AWS_REGION": doc["region"],
         "AWS_DEFAULT_REGION": doc["region"],
     }
-    if doc.get("endpoint_url"):
+    if doc.get("endpoint_url"):  # the local stack's moto server; never set on AWS
         env["AWS_ENDPOINT_URL"] = doc["endpoint_url"]
+        env["NLPFLEET_S3_ENDPOINT_URL"] = doc["endpoint_url"]
     if doc["role"] == "inference":
         env["NLPFLEET_PORT"] = str(int(doc.get("port") or 8080))
         env["NLPFLEET_ACTIVE_MODEL_PARAM"] = doc["active_model_param"]

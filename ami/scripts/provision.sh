@@ -153,17 +153,15 @@ json.dump(doc, open(sys.argv[2], "w"), indent=2)
   fi
   "${cwa_cmd[@]}"
 
-  local providers=CPUExecutionProvider
-  [[ "$VARIANT" == gpu ]] && providers=TensorrtExecutionProvider,CUDAExecutionProvider,CPUExecutionProvider
+  # NLPFLEET_* keys double as the inference server's settings (inference/serve_settings.py):
+  # the model and TensorRT engine caches live on the root EBS volume. The server picks its
+  # execution providers from the hardware (TensorRT -> CUDA -> CPU).
   cat >"$DESTDIR/etc/nlpfleet/image.env" <<EOF
 # Written at image build time; per-instance settings are in /run/nlpfleet/nlpfleet.env.
 NLPFLEET_IMAGE_NAME=$IMAGE_NAME
-NLPFLEET_VARIANT=$VARIANT
-NLPFLEET_PROVIDERS=$providers
+NLPFLEET_IMAGE_VARIANT=$VARIANT
 NLPFLEET_TRT_CACHE_DIR=$TRT_CACHE
 NLPFLEET_MODEL_CACHE_DIR=$STATE/models
-ORT_TENSORRT_ENGINE_CACHE_ENABLE=1
-ORT_TENSORRT_CACHE_PATH=$TRT_CACHE
 HOME=$STATE
 HF_HUB_OFFLINE=1
 TRANSFORMERS_OFFLINE=1
