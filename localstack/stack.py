@@ -37,18 +37,14 @@ from localstack.dispatcher import Dispatcher, Route, is_scheduled_event, load_ha
 from localstack.instances import InstanceManager, LocalInstance
 from localstack.lb import LoadBalancer
 from localstack.moto import ACCOUNT_ID, LOOPBACK, REGION, MotoServer
+from localstack.state import STATE_FILE, default_state_dir
 from localstack.template import load_template
 
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
-STATE_FILE = "stack.json"
 # Environment the instance processes inherit from this machine (the rest is theirs).
 _PASS_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "PYTHONPATH", "OMP_NUM_THREADS", "NLPFLEET_SHARED")
-
-
-def default_state_dir() -> Path:
-    return Path(os.environ.get("NLPFLEET_LOCAL_DIR", Path.home() / ".nlpfleet" / "local"))
 
 
 @dataclass
@@ -286,7 +282,9 @@ class LocalStack:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m localstack.stack", description="Run the local stack until stopped.")
+    ap = argparse.ArgumentParser(
+        prog="python -m localstack.stack", description="Run the local stack until stopped."
+    )
     ap.add_argument("--config", type=Path, help="StackConfig as JSON")
     ap.add_argument("--state-dir", type=Path)
     args = ap.parse_args(argv)

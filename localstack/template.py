@@ -163,7 +163,7 @@ def split_template(doc: dict) -> LocalPlan:
         if res.get("Type") != "AWS::Serverless::Function":
             continue
         props = {k: v for k, v in globals_fn.items() if k != "Environment"} | res.get("Properties", {})
-        variables = dict(((globals_fn.get("Environment") or {}).get("Variables") or {}))
+        variables = dict((globals_fn.get("Environment") or {}).get("Variables") or {})
         variables.update(((props.get("Environment") or {}).get("Variables")) or {})
         props["Environment"] = {"Variables": variables}
         env = {
@@ -223,7 +223,9 @@ def split_template(doc: dict) -> LocalPlan:
 
     moto_outputs = {k: v for k, v in outputs.items() if not (_refs(v) & local_ids)}
     skipped.extend(f"Outputs.{k} (refers to a Lambda resource)" for k in outputs if k not in moto_outputs)
-    moto_template = {k: v for k, v in doc.items() if k not in ("Transform", "Globals", "Resources", "Outputs")}
+    moto_template = {
+        k: v for k, v in doc.items() if k not in ("Transform", "Globals", "Resources", "Outputs")
+    }
     moto_template["Resources"] = moto_resources
     if moto_outputs:
         moto_template["Outputs"] = moto_outputs
