@@ -21,6 +21,7 @@ that is what ``nlpfleet up`` starts and ``nlpfleet down`` stops.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -29,6 +30,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from localstack.clock import Clock, Scheduler
@@ -85,6 +87,8 @@ class LocalStack:
         self.lb: LoadBalancer | None = None
         self.lifecycle = None
         self.api_url: str | None = None
+        self.admin_url: str | None = None
+        self._admin = None
         self._api_server = None
         self._api_thread: threading.Thread | None = None
         self._saved_env: dict[str, str | None] = {}
@@ -197,12 +201,7 @@ class LocalStack:
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
         t0 = time.monotonic()
         self.moto = MotoServer().start()
-        template_path = chalice_package(
-            cfg.project_dir,
-            cfg.state_dir / "package",
-            stage=cfg.stage,
-            merge_template=cfg.project_dir / cfg.infra_template,
-        )
+        template_path = self._package()
         self._template = load_template(template_path)
         self.deployment = deploy(
             self._template, self.client, stack_name=f"nlpfleet-{cfg.stage}", parameters=self._parameters()
@@ -230,8 +229,33 @@ class LocalStack:
         ).start()
         self.lifecycle = self._start_lifecycle()
         self.lb = LoadBalancer(self.targets).start()
+        self._start_admin()
         log.info("local stack up in %.1fs: api %s, lb %s", time.monotonic() - t0, self.api_url, self.lb.url)
         return self
+
+    def _package(self) -> Path:
+        """``chalice package`` output, reused while its inputs are unchanged (it zips the app:
+        seconds on a busy machine)."""
+        cfg = self.config
+        digest = hashlib.sha256()
+        inputs = [
+            cfg.project_dir / "app.py",
+            cfg.project_dir / cfg.infra_template,
+            cfg.project_dir / "requirements.txt",
+        ]
+        inputs += sorted((cfg.project_dir / ".chalice").glob("*.json"))
+        inputs += sorted((cfg.project_dir / "chalicelib").rglob("*.py"))
+        for f in inputs:
+            if f.exists():
+                digest.update(str(f.relative_to(cfg.project_dir)).encode() + b"\0" + f.read_bytes())
+        digest.update(cfg.stage.encode())
+        out = cfg.state_dir / "package" / digest.hexdigest()[:16]
+        for name in ("sam.json", "sam.yaml"):
+            if (out / name).exists():
+                return out / name
+        return chalice_package(
+            cfg.project_dir, out, stage=cfg.stage, merge_template=cfg.project_dir / cfg.infra_template
+        )
 
     def _start_lifecycle(self):
         """Auto Scaling behaviour moto lacks (lifecycle waits, CompleteLifecycleAction, events):
@@ -251,6 +275,7 @@ class LocalStack:
             ("instances", lambda: self.instances and self.instances.stop()),
             ("dispatcher", lambda: self.dispatcher and self.dispatcher.stop()),
             ("api", self._stop_api),
+            ("admin", lambda: self._admin and (self._admin.shutdown(), self._admin.server_close())),
             ("moto", lambda: self.moto and self.moto.stop()),
         ):
             try:
@@ -265,11 +290,60 @@ class LocalStack:
             self._api_server.server.server_close()
             self._api_thread.join(timeout=5)
 
+    def snapshot(self) -> dict:
+        """What the local stack itself knows (instances, deliveries, load balancer, clock):
+        ``GET /local/state`` on the admin server; tests and the demo read it."""
+        return {
+            "clock": {"now": self.clock.now(), "speed": self.clock.speed} if self.clock else None,
+            "instances": [i.as_dict() for i in self.instances.instances.values()] if self.instances else [],
+            "dispatcher": self.dispatcher.stats() if self.dispatcher else {},
+            "failures": list(self.dispatcher.failures) if self.dispatcher else [],
+            "scheduled": list(self.scheduler.fired) if self.scheduler else [],
+            "lb": self.lb.status() if self.lb else None,
+            "ec2_events": list(self.instances.events_emitted) if self.instances else [],
+        }
+
+    def _start_admin(self) -> None:
+        stack = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def _send(self, code: int, doc) -> None:
+                body = json.dumps(doc, default=str).encode()
+                self.send_response(code)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self):
+                if self.path == "/local/state":
+                    return self._send(200, stack.snapshot())
+                return self._send(404, {"error": "not found"})
+
+            def do_POST(self):
+                parts = self.path.strip("/").split("/")
+                if len(parts) == 4 and parts[:2] == ["local", "instances"] and parts[3] == "kill":
+                    try:
+                        inst = stack.instances.kill(parts[2])
+                    except KeyError:
+                        return self._send(404, {"error": f"no local instance {parts[2]}"})
+                    return self._send(200, inst.as_dict())
+                return self._send(404, {"error": "not found"})
+
+        self._admin = ThreadingHTTPServer((LOOPBACK, 0), Handler)
+        self._admin_thread = threading.Thread(target=self._admin.serve_forever, name="admin", daemon=True)
+        self._admin_thread.start()
+        self.admin_url = f"http://{LOOPBACK}:{self._admin.server_address[1]}"
+
     def describe(self) -> dict:
         return {
             "pid": os.getpid(),
             "api_url": self.api_url,
             "lb_url": self.lb.url if self.lb else None,
+            "admin_url": self.admin_url,
             "endpoint_url": self.moto.endpoint_url if self.moto else None,
             "region": REGION,
             "stage": self.config.stage,
