@@ -518,7 +518,8 @@ def handle_s3(raw: dict, s: Settings, a: Adapters, now: datetime) -> dict:
         return {"outcome": "refused", "key": ev.key, "reason": f"sidecar {sidecar_key}: {e}"}
     if not isinstance(body, dict):
         return {"outcome": "refused", "key": ev.key, "reason": f"sidecar {sidecar_key} is not a JSON object"}
-    defaults = dict(s.dataset_defaults)
+    # The sidecar is the whole spec; without one, the configured defaults are.
+    defaults = {} if spec_from != "defaults" else dict(s.dataset_defaults)
     body = {**body, "input_uri": ev.uri}
     if (body.get("type") or defaults.get("type")) == "finetune" and "model_name" not in body:
         defaults.setdefault("model_name", _default_model_name(ev.key))
