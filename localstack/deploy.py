@@ -5,8 +5,9 @@
 3. moto's ``CreateStack`` builds the resources (and resolves the values the functions need);
 4. what moto's CloudFormation skips is applied through the service APIs, from the same
    template properties: lifecycle hooks (``PutLifecycleHook``) and a bucket's
-   ``NotificationConfiguration.EventBridgeConfiguration`` (``PutBucketNotificationConfiguration``;
-   moto 5.2.5 ignores the property when it builds an ``AWS::S3::Bucket``);
+   ``NotificationConfiguration.EventBridgeConfiguration`` (``PutBucketNotificationConfiguration``)
+   and ``VersioningConfiguration`` (``PutBucketVersioning``): moto 5.2.5 ignores both properties
+   when it builds an ``AWS::S3::Bucket``;
 5. the result says, for each function, its environment and the queue its events land in.
 """
 
@@ -115,7 +116,7 @@ def deploy(
         time.sleep(0.2)
     outputs = {o["OutputKey"]: o["OutputValue"] for o in stack.get("Outputs", [])}
 
-    _apply_bucket_notifications(plan.moto_template, cf, make_client("s3"), stack_name)
+    _apply_bucket_properties(plan.moto_template, cf, make_client("s3"), stack_name)
 
     functions = []
     queues = {}
@@ -151,7 +152,7 @@ def deploy(
     )
 
 
-def _apply_bucket_notifications(moto_template: dict, cf, s3, stack_name: str) -> None:
+def _apply_bucket_properties(moto_template: dict, cf, s3, stack_name: str) -> None:
     physical = {
         r.get("LogicalResourceId"): r.get("PhysicalResourceId")
         for r in cf.describe_stack_resources(StackName=stack_name)["StackResources"]
@@ -159,7 +160,11 @@ def _apply_bucket_notifications(moto_template: dict, cf, s3, stack_name: str) ->
     for lid, res in moto_template["Resources"].items():
         if res.get("Type") != "AWS::S3::Bucket":
             continue
-        notif = res.get("Properties", {}).get("NotificationConfiguration", {})
+        props = res.get("Properties", {})
+        versioning = (props.get("VersioningConfiguration") or {}).get("Status")
+        if versioning in ("Enabled", "Suspended"):
+            s3.put_bucket_versioning(Bucket=physical[lid], VersioningConfiguration={"Status": versioning})
+        notif = props.get("NotificationConfiguration", {})
         eb = notif.get("EventBridgeConfiguration")
         if eb is None or eb.get("EventBridgeEnabled") in (False, "false"):
             continue

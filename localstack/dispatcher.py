@@ -37,6 +37,7 @@ import sys
 import threading
 import time
 import traceback
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +57,7 @@ class Route:
     accept: Callable[[dict], bool] | None = None  # see the moto gap in the module docstring
     invocations: int = 0
     filtered: int = 0
+    recent: deque = field(default_factory=lambda: deque(maxlen=50))  # last events handled
     errors: int = 0
     durations_s: list[float] = field(default_factory=list)
 
@@ -157,6 +159,7 @@ class Dispatcher:
     def _invoke(self, route: Route, sqs, messages: list[dict], event: dict) -> int:
         t0 = time.monotonic()
         route.invocations += 1
+        route.recent.append(event)
         try:
             route.handler(event, lambda_context(route))
         except Exception as exc:
@@ -230,6 +233,8 @@ class Dispatcher:
                 "errors": r.errors,
                 "filtered": r.filtered,
                 "max_s": round(max(r.durations_s, default=0.0), 3),
+                "queue_url": r.queue_url,
+                "recent": list(r.recent)[-10:],
             }
             for r in self.routes
         }

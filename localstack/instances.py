@@ -192,17 +192,24 @@ class InstanceManager:
         env.update({"NLPFLEET_INSTANCE_ID": iid, "NLPFLEET_INSTANCE_DIR": str(directory)})
         env["NLPFLEET_INSTANCE_TYPE"] = desc.get("InstanceType", "")
         tags = {t["Key"]: t["Value"] for t in desc.get("Tags", [])}
-        log_file = open(directory / "console.log", "ab")  # noqa: SIM115 - owned by the child
-        proc = subprocess.Popen(
-            self.command(ud_file),
-            cwd=directory,
-            env=env,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,  # its own process group: the whole "machine" stops together
-        )
-        log_file.close()
+        try:
+            with open(directory / "console.log", "ab") as log_file:
+                proc = subprocess.Popen(
+                    self.command(ud_file),
+                    cwd=directory,
+                    env=env,
+                    stdout=log_file,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,  # its own process group: the "machine" stops as one
+                )
+        except OSError as exc:  # the image lacks its entry point: the box boots to nothing
+            log.error("instance %s: cannot start its entry point: %s", iid, exc)
+            (directory / "console.log").write_text(f"boot failed: {exc}\n")
+            self.instances[iid] = LocalInstance(
+                iid, role, user_data, directory, port, crashed=True, tags=tags
+            )
+            return
         self.instances[iid] = LocalInstance(iid, role, user_data, directory, port, proc, tags=tags)
         log.info(
             "instance %s (%s) booted as pid %d%s", iid, role, proc.pid, f" on port {port}" if port else ""

@@ -355,6 +355,77 @@ class LocalStack:
         }
 
 
+def read_state(state_dir: Path) -> dict | None:
+    """The running stack's ``stack.json``, or None when no stack runs there."""
+    f = Path(state_dir) / STATE_FILE
+    if not f.exists():
+        return None
+    st = json.loads(f.read_text())
+    try:
+        os.kill(st["pid"], 0)
+    except ProcessLookupError:
+        return None
+    return st
+
+
+def spawn(cfg: StackConfig, timeout_s: float = 180.0) -> dict:
+    """Start ``python -m localstack.stack`` in the background (its own session) and wait until it
+    is up; returns its ``stack.json``."""
+    import subprocess
+
+    sd = cfg.state_dir
+    sd.mkdir(parents=True, exist_ok=True)
+    (sd / "config.json").write_text(json.dumps(cfg.as_dict(), indent=2))
+    with open(sd / "supervisor.out", "ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "localstack.stack", "--config", str(sd / "config.json")],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            cwd=str(cfg.project_dir),
+        )
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        st = read_state(sd)
+        if st and st["pid"] == proc.pid:
+            return st
+        if proc.poll() is not None:
+            tail = (sd / "supervisor.out").read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"local stack exited with {proc.returncode}:\n{tail}")
+        time.sleep(0.2)
+    proc.terminate()
+    raise TimeoutError(f"local stack not up after {timeout_s}s (see {sd}/stack.log)")
+
+
+def stop(state_dir: Path, timeout_s: float = 90.0) -> bool:
+    """SIGTERM the stack running in ``state_dir`` and wait for it (and every instance) to end;
+    SIGKILL its process group after ``timeout_s``. Returns False when nothing ran."""
+    f = Path(state_dir) / STATE_FILE
+    if not f.exists():
+        return False
+    pid = json.loads(f.read_text())["pid"]
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        f.unlink(missing_ok=True)
+        return False
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    log.warning("local stack %d did not stop within %.0fs: killed", pid, timeout_s)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    f.unlink(missing_ok=True)
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m localstack.stack", description="Run the local stack until stopped."

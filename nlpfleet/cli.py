@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -39,7 +37,9 @@ def state_dir(args) -> Path:
 
 
 def local_state(args) -> dict | None:
-    f = state_dir(args) / "stack.json"
+    from localstack.state import STATE_FILE
+
+    f = state_dir(args) / STATE_FILE
     if not f.exists():
         return None
     st = json.loads(f.read_text())
@@ -192,70 +192,35 @@ def cmd_up(args) -> int:
     if st:
         print(f"local stack already running (pid {st['pid']}): api {st['api_url']}")
         return 0
-    from localstack.stack import StackConfig
+    from localstack.stack import StackConfig, spawn
 
     sd = state_dir(args)
-    sd.mkdir(parents=True, exist_ok=True)
     cfg = StackConfig(state_dir=sd, speed=args.speed)
     if args.max_size:
         cfg.parameters["InferenceMaxSize"] = str(args.max_size)
     for kv in args.env or []:
         k, _, v = kv.partition("=")
         cfg.env_overrides[k] = v
-    (sd / "config.json").write_text(json.dumps(cfg.as_dict(), indent=2))
-    out = open(sd / "supervisor.out", "ab")  # noqa: SIM115 - handed to the child
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "localstack.stack", "--config", str(sd / "config.json")],
-        stdout=out,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        start_new_session=True,
-        cwd=str(cfg.project_dir),
-    )
-    out.close()
-    deadline = time.monotonic() + args.timeout
-    while time.monotonic() < deadline:
-        st = local_state(args)
-        if st and st["pid"] == proc.pid:
-            print(f"local stack up (pid {proc.pid})")
-            print(f"  api:           {st['api_url']}")
-            print(f"  load balancer: {st['lb_url']}")
-            print(f"  aws endpoint:  {st['endpoint_url']}")
-            print(f"  logs:          {sd}/stack.log")
-            return 0
-        if proc.poll() is not None:
-            tail = (sd / "supervisor.out").read_text()[-3000:]
-            raise CliError(f"local stack exited with {proc.returncode}:\n{tail}")
-        time.sleep(0.2)
-    proc.terminate()
-    raise CliError(f"local stack not up after {args.timeout}s (see {sd}/stack.log)")
+    try:
+        st = spawn(cfg, timeout_s=args.timeout)
+    except (RuntimeError, TimeoutError) as exc:
+        raise CliError(str(exc)) from None
+    print(f"local stack up (pid {st['pid']})")
+    print(f"  api:           {st['api_url']}")
+    print(f"  load balancer: {st['lb_url']}")
+    print(f"  aws endpoint:  {st['endpoint_url']}")
+    print(f"  logs:          {sd}/stack.log")
+    return 0
 
 
 def cmd_down(args) -> int:
-    f = state_dir(args) / "stack.json"
-    st = json.loads(f.read_text()) if f.exists() else None
-    if not st:
+    from localstack.stack import stop
+
+    if stop(state_dir(args), timeout_s=args.timeout):
+        print("local stack stopped")
+    else:
         print("no local stack running")
-        return 0
-    pid = st["pid"]
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        f.unlink(missing_ok=True)
-        print("no local stack running")
-        return 0
-    deadline = time.monotonic() + args.timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            print(f"local stack stopped (pid {pid})")
-            return 0
-        time.sleep(0.2)
-    os.killpg(pid, signal.SIGKILL)
-    f.unlink(missing_ok=True)
-    print(f"local stack killed after {args.timeout}s (pid {pid})")
-    return 1
+    return 0
 
 
 def _spec(args) -> dict:
