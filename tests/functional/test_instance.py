@@ -1,0 +1,72 @@
+# ruff: noqa: F811  (pytest fixtures imported from test_api are used as parameters)
+"""The on-instance entry point, run for real under moto: a job launched by the control plane
+reads its user data, runs ``preprocess`` on a banking77 slice, reports progress and its result
+to the job record; the training data loader reads the shards it wrote."""
+
+import base64
+import csv
+import json
+
+import boto3
+from test_api import BUCKET, REGION, aws, client, post  # noqa: F401
+
+from nlpfleet import instance
+
+
+def _user_data(aws, instance_id):
+    ud = aws["ec2"].describe_instance_attribute(InstanceId=instance_id, Attribute="userData")
+    return json.loads(base64.b64decode(ud["UserData"]["Value"]))
+
+
+def test_preprocess_job_runs_end_to_end_from_its_user_data(aws, client, data_dir, tmp_path):  # noqa: F811
+    rows = list(csv.DictReader((data_dir / "banking77" / "train.csv").open()))[:600]
+    rows[5]["text"] = "   "  # an invalid row: dropped and counted
+    buf = ["text,category"] + [f'"{r["text"].replace(chr(34), "")}",{r["category"]}' for r in rows]
+    aws["s3"].put_object(Bucket=BUCKET, Key="datasets/b77.csv", Body="\n".join(buf).encode())
+    job = post(client, "/jobs", {"type": "preprocess", "input_uri": f"s3://{BUCKET}/datasets/b77.csv",
+                                 "label_field": "category", "shard_examples": 250, "seq_len": 32}).json_body
+    ud_file = tmp_path / "user-data.json"
+    ud_file.write_text(json.dumps(_user_data(aws, job["instance"]["instance_id"])))
+
+    assert instance.main(["--user-data", str(ud_file)]) == 0
+
+    done = client.http.get(f"/jobs/{job['job_id']}").json_body
+    assert done["state"] == "SUCCEEDED", done
+    assert [h["to"] for h in done["history"]] == ["QUEUED", "LAUNCHED", "RUNNING", "SUCCEEDED"]
+    assert done["heartbeat_at"] and done["progress"]
+    res = done["result"]
+    assert res["examples"] == 599 and res["shards"] == 3 and res["rejected"] == {"empty or missing text": 1}
+    out = res["output_uri"]
+    assert out == f"s3://{BUCKET}/preprocessed/{job['job_id']}/"
+    keys = [o["Key"] for o in aws["s3"].list_objects_v2(Bucket=BUCKET, Prefix=out.split(BUCKET + "/")[1])["Contents"]]
+    assert sorted(k.rsplit("/", 1)[1] for k in keys) == ["_index.json", "part-00000.jsonl", "part-00001.jsonl",
+                                                         "part-00002.jsonl"]
+    first = json.loads(aws["s3"].get_object(Bucket=BUCKET, Key=keys[1] if "part" in keys[1] else keys[0])["Body"]
+                       .read().splitlines()[0])
+    assert set(first) == {"text", "label", "input_ids"} and first["input_ids"][0] == 101  # [CLS]
+    assert len(first["input_ids"]) <= 32
+
+    # the training worker's loader reads these shards as a training split
+    from training.data import load_split
+
+    split = load_split(out, "text", "label", boto3.client("s3", region_name=REGION))
+    assert len(split.texts) == 599 and split.input_ids is not None
+    assert set(split.labels) == {r["category"] for i, r in enumerate(rows) if i != 5}
+
+
+def test_a_cancelled_job_stops_its_worker_and_records_nothing_more(aws, client, tmp_path):  # noqa: F811
+    aws["s3"].put_object(Bucket=BUCKET, Key="datasets/small.csv", Body=b"text,label\nhello there,greet\n" * 30)
+    job = post(client, "/jobs", {"type": "preprocess", "input_uri": f"s3://{BUCKET}/datasets/small.csv"}).json_body
+    client.http.delete(f"/jobs/{job['job_id']}")
+    ud_file = tmp_path / "ud.json"
+    ud_file.write_text(json.dumps(_user_data(aws, job["instance"]["instance_id"])))
+    assert instance.main(["--user-data", str(ud_file)]) == instance.EXIT_FAILED
+    assert client.http.get(f"/jobs/{job['job_id']}").json_body["state"] == "CANCELLED"
+
+
+def test_bad_user_data_is_refused(tmp_path):
+    f = tmp_path / "ud"
+    f.write_text('{"role": "job"}')
+    assert instance.main(["--user-data", str(f)]) == instance.EXIT_BAD_INPUT
+    f.write_text("not json")
+    assert instance.main(["--user-data", str(f)]) == instance.EXIT_BAD_INPUT
