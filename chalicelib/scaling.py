@@ -319,11 +319,19 @@ def decide_predictive(inp: PolicyInput, state: PolicyState, s: ScalingSettings, 
 
 
 def _per_instance(m: MinuteMetrics, fleet: FleetCounts) -> float:
+    """The tracked metric: in-flight (+ queued, + refused) per instance that reported it."""
     n = m.instances or fleet.in_service
     admitted = m.inflight + m.queue_depth
     if m.throttled > 0 and m.requests > 0:
         admitted *= (m.requests + m.throttled) / m.requests
     return admitted / max(n, 1)
+
+
+def _tracked_capacity(m: MinuteMetrics, fleet: FleetCounts, target: float) -> int:
+    """``ceil(capacity * metric / target)`` with the capacity that produced the datapoint (the
+    datapoint is minutes old: instances launched since have not lowered it yet)."""
+    n = m.instances or fleet.in_service
+    return math.ceil(n * _per_instance(m, fleet) / target - 1e-9)
 
 
 def decide_target_tracking(
@@ -344,7 +352,7 @@ def decide_target_tracking(
     metrics = inp.metrics
     desired, reason = fleet.desired, "hold"
     if len(metrics) >= 3 and all(_per_instance(m, fleet) > target for m in metrics[-3:]):
-        want = math.ceil(fleet.in_service * _per_instance(metrics[-1], fleet) / target - 1e-9)
+        want = _tracked_capacity(metrics[-1], fleet, target)
         if want > fleet.desired:
             desired, reason = want, "scale-out: metric above target for 3 minutes"
     elif (
@@ -352,7 +360,7 @@ def decide_target_tracking(
         and fleet.pending == 0
         and all(_per_instance(m, fleet) < 0.9 * target for m in metrics[-15:])
     ):
-        want = math.ceil(fleet.in_service * _per_instance(metrics[-1], fleet) / target - 1e-9)
+        want = _tracked_capacity(metrics[-1], fleet, target)
         if want < fleet.desired:
             desired, reason = want, "scale-in: metric below 90% of target for 15 minutes"
     desired = apply_bounds(desired, fleet, inp.scheduled_floor)

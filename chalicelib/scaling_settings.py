@@ -75,7 +75,7 @@ class ScalingSettings:
     panic_ratio: float = 1.5  # load above panic_ratio x ready capacity: scale out at once
     scale_in_stabilization_s: int = 1200
     scale_in_max_step_fraction: float = 0.1
-    scale_out_lookback_s: int = 300
+    scale_out_lookback_s: int = 600
     boot_delay_s: int = 240  # launch + model download + warm-up until /readyz
     metric_delay_s: int = 60
     period_s: int = 60

@@ -1,0 +1,331 @@
+"""Trace-driven evaluation of the inference fleet's scaling policies.
+
+Replays a per-minute request trace (any CSV with ``unix_time`` and ``requests`` columns; by default
+the real NASA-HTTP July 1995 trace) minute by minute against a simulated Auto Scaling Group and
+compares, side by side in one run:
+
+* ``static``      provisioning for the peak all the time;
+* ``step``        the seed's step policy (+2 on high load);
+* ``target_tracking`` AWS-style target tracking;
+* ``predictive``  this project's policy;
+* ``oracle``      the cheapest schedule that always has the needed capacity ready, knowing the
+                  future; every launch is billed for its boot delay before it serves.
+
+The three reactive policies are the very functions the scaling Lambda runs
+(``chalicelib.scaling.decide``), fed the metrics the agents would publish: CloudWatch's metric
+delay and the Lambda's one-minute period are modelled, and a launched instance serves only after
+the boot + warm-up delay (billed from launch).
+
+Model of one instance: it serves ``--capacity-rps`` requests per second within the latency SLO
+(default 50: a placeholder for the inference server benchmark's measured number; pass the
+measured one). Latency at low load ``--service-time-s`` (Little's law gives in-flight requests
+= throughput x latency). The trace is scaled so that its peak minute needs ``--peak-instances``.
+
+Prints instance-hours (cost), the ratio to the oracle, and the share of minutes where demand
+exceeded ready capacity (SLO misses); writes a PNG of demand, ready and desired capacity over time
+for each policy and a JSON of the table.
+
+    python bench/autoscale_sim.py                              # July, whole month
+    python bench/autoscale_sim.py --until 1995-07-15           # the tuning half
+    python bench/autoscale_sim.py --trace other.csv --capacity-rps 120
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from chalicelib.scaling import (  # noqa: E402
+    FleetCounts,
+    MinuteMetrics,
+    PolicyInput,
+    PolicyState,
+    decide,
+)
+from chalicelib.scaling_settings import ScalingSettings  # noqa: E402
+
+DEFAULT_TRACE = REPO.parent / "shared" / "data" / "nasa_http_jul95" / "requests_per_minute.csv"
+POLICY_NAMES = ("static", "step", "target_tracking", "predictive", "oracle")
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    capacity_rps: float = 50.0
+    service_time_s: float = 0.2
+    peak_instances: int = 20
+    boot_min: int = 4
+    metric_delay_min: int = 1
+    period_min: int = 1
+    window_min: int = 30
+    target_utilization: float = 0.8
+    max_size: int = 40
+    min_size: int = 1
+
+
+def load_trace(path: Path, since: str | None = None, until: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(unix_time, requests) per minute, optionally cut to ``[since, until)`` (UTC dates)."""
+    times, reqs = [], []
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            times.append(int(float(row["unix_time"])))
+            reqs.append(float(row["requests"]))
+    t, r = np.array(times, dtype=np.int64), np.array(reqs, dtype=float)
+    if since:
+        keep = t >= datetime.fromisoformat(since).replace(tzinfo=UTC).timestamp()
+        t, r = t[keep], r[keep]
+    if until:
+        keep = t < datetime.fromisoformat(until).replace(tzinfo=UTC).timestamp()
+        t, r = t[keep], r[keep]
+    return t, r
+
+
+def scale_factor(requests: np.ndarray, cfg: SimConfig) -> float:
+    """Multiply the trace so that its peak minute needs ``peak_instances`` instances."""
+    return cfg.peak_instances * cfg.capacity_rps * 60.0 / max(float(requests.max()), 1.0)
+
+
+def needed_instances(demand_rpm: np.ndarray, cfg: SimConfig) -> np.ndarray:
+    return np.ceil(demand_rpm / (cfg.capacity_rps * 60.0) - 1e-9).astype(int)
+
+
+def oracle(needed: np.ndarray, boot_min: int) -> tuple[np.ndarray, float]:
+    """Ready capacity of the cheapest schedule with ``ready >= needed`` every minute, and its
+    instance-minutes. Capacity levels are independent: level ``k`` must be ready on the minutes
+    where ``needed >= k``; between two such runs it is kept through a gap shorter than a boot
+    (cost = gap) and relaunched otherwise (cost = one boot). Levels ready at minute 0 start warm.
+    """
+    n = len(needed)
+    ready = np.zeros(n, dtype=int)
+    cost = 0.0
+    for k in range(1, int(needed.max(initial=0)) + 1):
+        on = needed >= k
+        idx = np.flatnonzero(on)
+        if idx.size == 0:
+            continue
+        cost += idx.size
+        level = on.copy()
+        if idx[0] > 0:
+            cost += boot_min  # first launch of this level
+        gaps = np.diff(idx) - 1
+        for start, g in zip(idx[:-1], gaps, strict=True):
+            if g <= 0:
+                continue
+            if g < boot_min:
+                cost += g
+                level[start + 1 : start + 1 + g] = True
+            else:
+                cost += boot_min
+        ready += level
+    return ready, float(cost)
+
+
+@dataclass
+class Run:
+    name: str
+    ready: np.ndarray
+    desired: np.ndarray
+    instance_minutes: float
+
+
+def simulate(
+    policy: str, t: np.ndarray, demand: np.ndarray, cfg: SimConfig, settings: ScalingSettings
+) -> Run:
+    """Replay ``demand`` (requests per minute) against a simulated ASG driven by ``policy``."""
+    n = len(t)
+    cap_rpm = cfg.capacity_rps * 60.0
+    need = needed_instances(demand, cfg)
+    start = max(int(need[0]), cfg.min_size)
+    ready_n = start
+    boots: list[int] = []  # minute at which each pending instance becomes ready
+    desired = start
+    state = PolicyState()
+    metrics: list[MinuteMetrics] = []
+    ready_arr = np.zeros(n, dtype=int)
+    desired_arr = np.zeros(n, dtype=int)
+    instance_minutes = 0.0
+    for i in range(n):
+        # instances whose boot + warm-up completed join
+        joined = sum(1 for b in boots if b <= i)
+        if joined:
+            boots = [b for b in boots if b > i]
+            ready_n += joined
+        # the policy Lambda runs at the start of the minute on what CloudWatch has by then
+        if i % cfg.period_min == 0 and i > 0:
+            visible = metrics[: max(0, i - cfg.metric_delay_min)]
+            window = tuple(visible[-cfg.window_min :])
+            fleet = FleetCounts(
+                desired=desired,
+                in_service=ready_n,
+                pending=len(boots),
+                min_size=cfg.min_size,
+                max_size=cfg.max_size,
+            )
+            d = decide(policy, PolicyInput(window, fleet, 0), state, settings, float(t[i]))
+            state = d.state
+            new_desired = d.desired
+            current = ready_n + len(boots)
+            if new_desired > current:
+                boots += [i + cfg.boot_min] * (new_desired - current)
+            elif new_desired < current:
+                drop = current - new_desired
+                # the ASG cancels instances still booting before draining ready ones
+                cancel = min(drop, len(boots))
+                boots = sorted(boots)[: len(boots) - cancel]
+                ready_n -= drop - cancel
+            desired = new_desired
+        instance_minutes += ready_n + len(boots)
+        ready_arr[i] = ready_n
+        desired_arr[i] = desired
+        # this minute's traffic against ready capacity -> what the agents publish
+        served = min(demand[i], ready_n * cap_rpm)
+        throttled = demand[i] - served
+        saturated = throttled > 0
+        metrics.append(
+            MinuteMetrics(
+                t=int(t[i]),
+                requests=served,
+                throttled=throttled,
+                inflight=served / 60.0 * cfg.service_time_s,
+                queue_depth=0.0,
+                p99_latency_s=(settings.latency_slo_p99_s * 2 if saturated else cfg.service_time_s * 1.5),
+                instances=ready_n,
+            )
+        )
+    del need
+    return Run(policy, ready_arr, desired_arr, instance_minutes)
+
+
+def settings_for(cfg: SimConfig, **overrides) -> ScalingSettings:
+    """The Lambda's settings for the simulated fleet: target in-flight = utilization x concurrency."""
+    concurrency = cfg.capacity_rps * cfg.service_time_s
+    base = ScalingSettings(
+        stage="sim",
+        asg_name="sim",
+        min_size=cfg.min_size,
+        max_size=cfg.max_size,
+        target_inflight_per_instance=cfg.target_utilization * concurrency,
+        boot_delay_s=cfg.boot_min * 60,
+        metric_delay_s=cfg.metric_delay_min * 60,
+        period_s=cfg.period_min * 60,
+    )
+    return replace(base, **overrides)
+
+
+def evaluate(t: np.ndarray, requests: np.ndarray, cfg: SimConfig, settings: ScalingSettings) -> dict:
+    factor = scale_factor(requests, cfg)
+    demand = requests * factor
+    need = needed_instances(demand, cfg)
+    runs: dict[str, Run] = {}
+    peak = int(need.max())
+    runs["static"] = Run("static", np.full(len(t), peak), np.full(len(t), peak), float(peak * len(t)))
+    for name in ("step", "target_tracking", "predictive"):
+        runs[name] = simulate(name, t, demand, cfg, settings)
+    o_ready, o_cost = oracle(need, cfg.boot_min)
+    runs["oracle"] = Run("oracle", o_ready, o_ready, o_cost)
+    rows = {}
+    for name in POLICY_NAMES:
+        r = runs[name]
+        rows[name] = {
+            "instance_hours": round(r.instance_minutes / 60.0, 1),
+            "vs_oracle": round(r.instance_minutes / o_cost, 3),
+            "under_provisioned_pct": round(100.0 * float(np.mean(need > r.ready)), 3),
+        }
+    return {"scale_factor": factor, "need": need, "demand": demand, "runs": runs, "table": rows}
+
+
+def plot(t: np.ndarray, result: dict, out: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in POLICY_NAMES if n != "static"]
+    fig, axes = plt.subplots(len(names), 1, figsize=(14, 2.6 * len(names)), sharex=True)
+    days = (t - t[0]) / 86400.0
+    for ax, name in zip(axes, names, strict=True):
+        r = result["runs"][name]
+        row = result["table"][name]
+        ax.plot(days, result["need"], color="0.6", lw=0.5, label="needed (demand)")
+        ax.plot(days, r.desired, color="tab:orange", lw=0.7, label="desired")
+        ax.plot(days, r.ready, color="tab:blue", lw=0.8, label="ready")
+        ax.set_ylabel("instances")
+        ax.set_title(
+            f"{name}: {row['instance_hours']} instance-h ({row['vs_oracle']}x oracle), "
+            f"{row['under_provisioned_pct']}% minutes under-provisioned",
+            fontsize=9,
+        )
+    axes[0].legend(loc="upper right", fontsize=8)
+    axes[-1].set_xlabel("days since start of trace")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--trace", type=Path, default=DEFAULT_TRACE, help="per-minute CSV: unix_time,requests")
+    p.add_argument("--since", help="first UTC date to replay (YYYY-MM-DD)")
+    p.add_argument("--until", help="UTC date to stop before (YYYY-MM-DD)")
+    p.add_argument("--capacity-rps", type=float, default=50.0, help="requests/s one instance serves within SLO")
+    p.add_argument("--service-time-s", type=float, default=0.2)
+    p.add_argument("--peak-instances", type=int, default=20)
+    p.add_argument("--boot-min", type=int, default=4, help="boot + warm-up before an instance serves")
+    p.add_argument("--metric-delay-min", type=int, default=1)
+    p.add_argument("--target-utilization", type=float, default=0.8)
+    p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "autoscale.png")
+    p.add_argument("--json", type=Path, default=None, help="write the table here (default: beside --out)")
+    args = p.parse_args(argv)
+    cfg = SimConfig(
+        capacity_rps=args.capacity_rps,
+        service_time_s=args.service_time_s,
+        peak_instances=args.peak_instances,
+        boot_min=args.boot_min,
+        metric_delay_min=args.metric_delay_min,
+        target_utilization=args.target_utilization,
+        max_size=max(40, 2 * args.peak_instances),
+    )
+    t, req = load_trace(args.trace, args.since, args.until)
+    started = time.perf_counter()
+    result = evaluate(t, req, cfg, settings_for(cfg))
+    elapsed = time.perf_counter() - started
+    print(
+        f"trace {args.trace.name}: {len(t)} minutes, scale x{result['scale_factor']:.2f}, "
+        f"peak {int(result['need'].max())} instances, boot {cfg.boot_min} min, "
+        f"capacity {cfg.capacity_rps:g} req/s/instance ({elapsed:.1f}s)"
+    )
+    print(f"{'policy':<16}{'instance-h':>12}{'x oracle':>10}{'under-prov %':>14}")
+    for name, row in result["table"].items():
+        print(f"{name:<16}{row['instance_hours']:>12}{row['vs_oracle']:>10}{row['under_provisioned_pct']:>14}")
+    title = f"{args.trace.parent.name}/{args.trace.name} {args.since or ''}..{args.until or ''}"
+    plot(t, result, args.out, title)
+    out_json = args.json or args.out.with_suffix(".json")
+    doc = {
+        "trace": str(args.trace.name),
+        "since": args.since,
+        "until": args.until,
+        "minutes": len(t),
+        "config": cfg.__dict__,
+        "scale_factor": result["scale_factor"],
+        "table": result["table"],
+    }
+    out_json.write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"wrote {args.out} and {out_json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
