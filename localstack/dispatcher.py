@@ -21,6 +21,11 @@ envelope's ``account`` field (moto's default input template leaves it out; AWS a
 and Chalice's event class requires it). The dispatcher fills it with the queue's account,
 which is the bus's account for a same-account target.
 
+moto 5.2.5 gap: every event moto itself emits (S3 → EventBridge included) carries the same
+constant ``id`` (``17793124-05d4-…``); AWS gives each event its own id and keeps it across
+redeliveries. The dispatcher replaces that constant by a UUID derived from what identifies the
+S3 event (bucket, key, version id or sequencer), so a redelivery keeps its id.
+
 Delivery is at least once, as in AWS. A message is deleted only after the handler returns; a
 handler that raises is retried after a short back-off, and after ``max_attempts`` (Lambda's
 asynchronous invocation makes 1 + 2 retries) the event is dropped and recorded in
@@ -37,12 +42,15 @@ import sys
 import threading
 import time
 import traceback
+import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+
+MOTO_CONSTANT_EVENT_ID = "17793124-05d4-b198-2fde-7ededc63b103"
 
 
 @dataclass
@@ -144,6 +152,8 @@ class Dispatcher:
                     log.error("%s: dropping a message that is not JSON: %.200s", route.name, msg["Body"])
                     sqs.delete_message(QueueUrl=route.queue_url, ReceiptHandle=msg["ReceiptHandle"])
                     continue
+                if event.get("id") == MOTO_CONSTANT_EVENT_ID:
+                    event["id"] = _event_id(event)
                 if "detail-type" in event and "account" not in event:
                     event["account"] = _queue_account(route.queue_url)
                 if route.accept is not None and not route.accept(event):
@@ -222,6 +232,7 @@ class Dispatcher:
         return self
 
     def stop(self) -> None:
+        """Let the handlers running now finish (as Lambda would), then stop polling."""
         self._stop.set()
         for t in self._threads:
             t.join(timeout=self._wait_s + 60)
@@ -265,6 +276,26 @@ def _sqs_event(queue_url: str, messages: list[dict]) -> dict:
             for m in messages
         ]
     }
+
+
+def _event_id(event: dict) -> str:
+    detail = event.get("detail") or {}
+    obj = detail.get("object") or {}
+    ident = obj.get("version-id") if obj.get("version-id") not in (None, "null") else obj.get("sequencer")
+    key = json.dumps(
+        [
+            event.get("source"),
+            event.get("detail-type"),
+            (detail.get("bucket") or {}).get("name"),
+            obj.get("key"),
+            ident,
+            event.get("time"),
+        ]
+        if obj
+        else [event.get("source"), event.get("detail-type"), event.get("time"), detail],
+        sort_keys=True,
+    )
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, key))
 
 
 def _queue_account(queue_url: str) -> str:

@@ -107,7 +107,13 @@ class LocalStack:
             key=lambda s: s["AvailabilityZone"],
         )
         subnet_ids = ",".join(s["SubnetId"] for s in subnets[:2])
-        ami = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+        # the image `packer build ami/` would produce; locally its "entry point" is this machine's
+        ami = ec2.register_image(
+            Name=f"nlpfleet-{self.config.stage}-local",
+            Architecture="x86_64",
+            RootDeviceName="/dev/sda1",
+            VirtualizationType="hvm",
+        )["ImageId"]
         params = {
             "Stage": self.config.stage,
             "VpcId": vpc,
@@ -203,6 +209,7 @@ class LocalStack:
         self.moto = MotoServer().start()
         template_path = self._package()
         self._template = load_template(template_path)
+        log.info("template ready after %.1fs", time.monotonic() - t0)
         self.deployment = deploy(
             self._template, self.client, stack_name=f"nlpfleet-{cfg.stage}", parameters=self._parameters()
         )
@@ -227,6 +234,7 @@ class LocalStack:
             grace_s=cfg.grace_s,
             on_impaired=self._on_impaired,
         ).start()
+        log.info("handlers and instances ready after %.1fs", time.monotonic() - t0)
         self.lifecycle = self._start_lifecycle()
         self.lb = LoadBalancer(self.targets).start()
         self._start_admin()
@@ -249,7 +257,8 @@ class LocalStack:
             if f.exists():
                 digest.update(str(f.relative_to(cfg.project_dir)).encode() + b"\0" + f.read_bytes())
         digest.update(cfg.stage.encode())
-        out = cfg.state_dir / "package" / digest.hexdigest()[:16]
+        cache = Path(os.environ.get("NLPFLEET_CACHE_DIR", Path.home() / ".cache" / "nlpfleet"))
+        out = cache / "package" / digest.hexdigest()[:16]
         for name in ("sam.json", "sam.yaml"):
             if (out / name).exists():
                 return out / name
@@ -268,6 +277,7 @@ class LocalStack:
         return None
 
     def down(self) -> None:
+        t0 = time.monotonic()
         for name, stop in (
             ("load balancer", lambda: self.lb and self.lb.stop()),
             ("lifecycle", lambda: self.lifecycle and self.lifecycle.stop()),
@@ -278,11 +288,14 @@ class LocalStack:
             ("admin", lambda: self._admin and (self._admin.shutdown(), self._admin.server_close())),
             ("moto", lambda: self.moto and self.moto.stop()),
         ):
+            t1 = time.monotonic()
             try:
                 stop()
             except Exception:
                 log.exception("stopping the %s failed", name)
+            log.info("stopped the %s in %.1fs", name, time.monotonic() - t1)
         self._restore_env()
+        log.info("local stack down in %.1fs", time.monotonic() - t0)
 
     def _stop_api(self) -> None:
         if self._api_server is not None:

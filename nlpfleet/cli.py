@@ -434,6 +434,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--json", action="store_true", help="print raw JSON")
     sub = ap.add_subparsers(dest="command", required=True)
+    # --json is accepted before or after the command
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print raw JSON")
+    _add = sub.add_parser
+    sub.add_parser = lambda *a, **k: _add(*a, parents=[common], **k)  # type: ignore[method-assign]
 
     p = sub.add_parser("up", help="start the local stack in the background")
     p.add_argument("--speed", type=float, default=1.0, help="local clock speed (schedules), x real time")
