@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from chalice import Chalice, IAMAuthorizer, Rate, Response
 
 from chalicelib import control
+from chalicelib.autoscaling_bp import autoscaling
 from chalicelib.errors import ControlPlaneError, InvalidJobSpec, InvalidTransition, Skip, to_response
 from chalicelib.events import MalformedEvent
 from chalicelib.settings import Settings
@@ -27,12 +28,7 @@ app.log.setLevel(logging.INFO)
 # IAM (SigV4) authorization on every route outside dev; dev may be open.
 AUTH = None if STAGE == "dev" else IAMAuthorizer()
 
-try:
-    from chalicelib.autoscaling_bp import autoscaling
-except ImportError:  # the autoscaling blueprint is optional while it is being built
-    autoscaling = None
-if autoscaling is not None:
-    app.register_blueprint(autoscaling)
+app.register_blueprint(autoscaling)
 
 
 def _now() -> datetime:

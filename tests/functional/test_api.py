@@ -47,14 +47,6 @@ def aws(monkeypatch):
             LaunchTemplateName=LT, LaunchTemplateData={"ImageId": "ami-12c6146b", "InstanceType": "c5.xlarge"}
         )
         boto3.client("iam", region_name=REGION).create_instance_profile(InstanceProfileName=PROFILE)
-        boto3.client("autoscaling", region_name=REGION).create_auto_scaling_group(
-            AutoScalingGroupName=ASG,
-            LaunchTemplate={"LaunchTemplateName": LT, "Version": "$Latest"},
-            MinSize=1,
-            MaxSize=4,
-            DesiredCapacity=2,
-            AvailabilityZones=["us-east-1a"],
-        )
         yield {"s3": s3, "ec2": ec2}
 
 
@@ -331,6 +323,15 @@ def test_models_lists_valid_manifests_and_marks_the_active_one(aws, client):
 
 
 def test_fleet_shows_group_capacity_instances_and_active_model(aws, client):
+    assert client.http.get("/fleet").json_body["group"] is None  # before the stack has a group
+    boto3.client("autoscaling", region_name=REGION).create_auto_scaling_group(
+        AutoScalingGroupName=ASG,
+        LaunchTemplate={"LaunchTemplateName": LT, "Version": "$Latest"},
+        MinSize=1,
+        MaxSize=4,
+        DesiredCapacity=2,
+        AvailabilityZones=["us-east-1a"],
+    )
     body = client.http.get("/fleet").json_body
     g = body["group"]
     assert (g["min_size"], g["max_size"], g["desired_capacity"]) == (1, 4, 2)
