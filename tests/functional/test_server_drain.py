@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import csv
-import os
 import signal
 import subprocess
 import sys
@@ -20,9 +19,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def artifact(request) -> Path:
-    dev = os.environ.get("NLPFLEET_DEV_ARTIFACT")
-    return Path(dev) if dev else Path(request.getfixturevalue("trained_artifact"))
+def artifact(trained_artifact) -> Path:
+    return Path(trained_artifact)
 
 
 def start(artifact: Path, *extra: str):
