@@ -74,7 +74,9 @@ class SimConfig:
     min_size: int = 1
 
 
-def load_trace(path: Path, since: str | None = None, until: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+def load_trace(
+    path: Path, since: str | None = None, until: str | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """(unix_time, requests) per minute, optionally cut to ``[since, until)`` (UTC dates)."""
     times, reqs = [], []
     with open(path, newline="") as f:
@@ -280,7 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trace", type=Path, default=DEFAULT_TRACE, help="per-minute CSV: unix_time,requests")
     p.add_argument("--since", help="first UTC date to replay (YYYY-MM-DD)")
     p.add_argument("--until", help="UTC date to stop before (YYYY-MM-DD)")
-    p.add_argument("--capacity-rps", type=float, default=50.0, help="requests/s one instance serves within SLO")
+    p.add_argument(
+        "--capacity-rps", type=float, default=50.0, help="requests/s one instance serves within SLO"
+    )
     p.add_argument("--service-time-s", type=float, default=0.2)
     p.add_argument("--peak-instances", type=int, default=20)
     p.add_argument("--boot-min", type=int, default=4, help="boot + warm-up before an instance serves")
@@ -309,7 +313,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"{'policy':<16}{'instance-h':>12}{'x oracle':>10}{'under-prov %':>14}")
     for name, row in result["table"].items():
-        print(f"{name:<16}{row['instance_hours']:>12}{row['vs_oracle']:>10}{row['under_provisioned_pct']:>14}")
+        print(
+            f"{name:<16}{row['instance_hours']:>12}{row['vs_oracle']:>10}{row['under_provisioned_pct']:>14}"
+        )
     title = f"{args.trace.parent.name}/{args.trace.name} {args.since or ''}..{args.until or ''}"
     plot(t, result, args.out, title)
     out_json = args.json or args.out.with_suffix(".json")

@@ -1,10 +1,213 @@
-"""Autoscaling blueprint: the per-minute scaling Lambda, capacity-floor schedules and the
-Auto Scaling lifecycle-action handlers for the inference fleet.
+"""Autoscaling blueprint: the per-minute scaling Lambda, the capacity-floor schedule and the Auto
+Scaling lifecycle-action handlers for the inference fleet.
 
-Registered by ``app.py`` with ``app.register_blueprint(autoscaling)``. Handlers are filled in
-by issue 6; this module stays light to import (no boto3 clients at import time).
+Registered by ``app.py`` with ``app.register_blueprint(autoscaling)``. Each handler reads the
+same way: parse -> read state -> decide (pure, ``chalicelib.scaling`` / ``chalicelib.lifecycle``)
+-> execute -> log once. The ``handle_*`` functions take the adapters and ``now`` so that tests
+drive them with moto and a fixed clock; the Chalice handlers only wire the environment in.
+
+Functions (Chalice names them after the handlers):
+
+* ``scale_inference_fleet``      EventBridge schedule, every minute
+* ``apply_capacity_floor``       EventBridge cron, every 30 minutes (floors per stage, time zone)
+* ``on_instance_launch_action``  ``aws.autoscaling`` / ``EC2 Instance-launch Lifecycle Action``
+* ``on_instance_terminate_action`` ``aws.autoscaling`` / ``EC2 Instance-terminate Lifecycle Action``
 """
 
-from chalice import Blueprint
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from chalice import Blueprint, Cron, Rate
+
+from chalicelib.errors import ConcurrentUpdate, Skip
+from chalicelib.lifecycle import (
+    LAUNCH_DETAIL_TYPE,
+    TERMINATE_DETAIL_TYPE,
+    Complete,
+    Forget,
+    MalformedLifecycleEvent,
+    Put,
+    decide_launch,
+    decide_terminate,
+    parse_lifecycle_event,
+    sweep,
+)
+from chalicelib.scaling import PolicyInput, PolicyState, decide, scheduled_floor
+from chalicelib.scaling_settings import ScalingSettings
 
 autoscaling = Blueprint(__name__)
+log = logging.getLogger("nlpfleet.autoscaling")
+log.setLevel(logging.INFO)
+
+WINDOW_S = 30 * 60  # metrics the policy looks at each minute (its seasonal memory is in its state)
+
+
+@dataclass
+class ScalingAdapters:
+    asg: Any
+    metrics: Any
+    store: Any
+
+    @classmethod
+    def from_settings(cls, s: ScalingSettings) -> ScalingAdapters:
+        from chalicelib.aws import Clients
+        from chalicelib.fleet import AutoScalingGroup, FleetMetrics, ScalingStore
+
+        clients = Clients(os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1")
+        return cls(AutoScalingGroup(clients), FleetMetrics(clients), ScalingStore(clients, s.state_table))
+
+
+def _log(kind: str, **fields: Any) -> dict[str, Any]:
+    doc = {"event": kind, **fields}
+    log.info(json.dumps(doc, default=str, sort_keys=True))
+    return doc
+
+
+def _execute_lifecycle(actions: list, s: ScalingSettings, ad: ScalingAdapters) -> list[str]:
+    done = []
+    for a in actions:
+        if s.dry_run:
+            done.append(f"would have {type(a).__name__} {a}")
+            continue
+        if isinstance(a, Put):
+            ad.store.put_instance(a.record, a.expected_state)
+            done.append(f"{a.record.instance_id}->{a.record.state}")
+        elif isinstance(a, Forget):
+            ad.store.forget_instance(a.instance_id)
+            done.append(f"forget {a.instance_id}")
+        elif isinstance(a, Complete):
+            ok = ad.asg.complete(a.asg_name, a.hook_name, a.instance_id, a.token, a.result)
+            done.append(f"{a.result} {a.instance_id}" + ("" if ok else " (no longer waiting)"))
+    return done
+
+
+# ------------------------------------------------------------------------------- scaling
+
+
+def handle_scale(s: ScalingSettings, ad: ScalingAdapters, now: float) -> dict[str, Any]:
+    """One scaling decision: sweep lifecycle records, read metrics and state, decide, store the
+    state, set the desired capacity, log the decision with its inputs once."""
+    group = ad.asg.describe(s.asg_name)
+    lifecycle = _execute_lifecycle(sweep(ad.store.instances(), group.instances, s, now), s, ad)
+    minute = int(now) // 60 * 60
+    end = minute - s.metric_delay_s
+    metrics = ad.metrics.window(s.metrics_namespace, s.asg_name, end - WINDOW_S, end)
+    doc, version = ad.store.load_policy_state(s.asg_name)
+    state = PolicyState.from_dict(doc)
+    floor = scheduled_floor(now, s.floor_schedule, s.time_zone)
+    fleet = group.counts(max_size=s.max_size)
+    fleet = type(fleet)(**{**fleet.__dict__, "min_size": max(fleet.min_size, s.min_size)})
+    decision = decide(s.policy, PolicyInput(metrics, fleet, floor), state, s, now)
+    fields = {
+        "asg": s.asg_name,
+        "desired": decision.desired,
+        "reason": decision.reason,
+        "fleet": fleet.__dict__,
+        "metrics_minutes": len(metrics),
+        "latest_metric": metrics[-1].__dict__ if metrics else None,
+        "lifecycle": lifecycle,
+        **decision.fields,
+    }
+    try:
+        ad.store.save_policy_state(s.asg_name, decision.state.to_dict(), version, fields)
+    except ConcurrentUpdate:
+        return _log("scaling_skipped", reason="another invocation decided this minute", **fields)
+    if decision.desired != group.desired:
+        if s.dry_run:
+            fields["dry_run"] = f"would have set desired capacity {group.desired} -> {decision.desired}"
+        else:
+            ad.asg.set_desired(s.asg_name, decision.desired)
+    return _log("scaling_decision", **fields)
+
+
+def handle_capacity_floor(s: ScalingSettings, ad: ScalingAdapters, now: float) -> dict[str, Any]:
+    """Apply the scheduled floor to the ASG itself (MinSize), so the floor holds even if the
+    per-minute policy stops running; raise desired capacity at once when below it."""
+    floor = max(s.min_size, scheduled_floor(now, s.floor_schedule, s.time_zone))
+    group = ad.asg.describe(s.asg_name)
+    floor = min(floor, group.max_size)
+    desired = max(group.desired, floor)
+    fields = {"asg": s.asg_name, "min_size": floor, "previous_min_size": group.min_size, "desired": desired}
+    if floor == group.min_size and desired == group.desired:
+        return _log("capacity_floor", action="unchanged", **fields)
+    if s.dry_run:
+        return _log("capacity_floor", action="would have updated", **fields)
+    ad.asg.set_min_size(s.asg_name, floor, desired)
+    return _log("capacity_floor", action="updated", **fields)
+
+
+# ------------------------------------------------------------------------------ lifecycle
+
+
+def handle_lifecycle(
+    raw: dict[str, Any], s: ScalingSettings, ad: ScalingAdapters, now: float
+) -> dict[str, Any]:
+    """Launch or terminate lifecycle action: record the transition (conditional writes make a
+    duplicated delivery a no-op), abandon a warm-up already past its limit."""
+    try:
+        action = parse_lifecycle_event(raw)
+        if action.asg_name != s.asg_name:
+            raise Skip(f"lifecycle action for another group {action.asg_name}")
+        record = ad.store.get_instance(action.instance_id)
+        decide_fn = decide_launch if action.kind == "launch" else decide_terminate
+        actions = decide_fn(action, record, s, now)
+        try:
+            done = _execute_lifecycle(actions, s, ad)
+        except ConcurrentUpdate:
+            raise Skip(f"duplicate {action.kind} action for {action.instance_id} (concurrent)") from None
+    except Skip as e:
+        return _log("lifecycle_skipped", reason=e.reason, event_id=raw.get("id"))
+    except MalformedLifecycleEvent as e:
+        return _log("lifecycle_malformed", reason=str(e), event_id=raw.get("id"))
+    return _log(
+        "lifecycle_action",
+        kind=action.kind,
+        instance_id=action.instance_id,
+        asg=action.asg_name,
+        hook=action.hook_name,
+        done=done,
+    )
+
+
+# ------------------------------------------------------------------------ Chalice wiring
+
+
+def _settings() -> ScalingSettings:
+    env = dict(os.environ)
+    env.setdefault("INFERENCE_ASG_NAME", env.get("INFERENCE_ASG", ""))
+    return ScalingSettings.from_env(env)
+
+
+@autoscaling.schedule(Rate(1, unit=Rate.MINUTES), name="scale_inference_fleet")
+def scale_inference_fleet(event):
+    s = _settings()
+    return handle_scale(s, ScalingAdapters.from_settings(s), time.time())
+
+
+@autoscaling.schedule(Cron("0,30", "*", "*", "*", "?", "*"), name="apply_capacity_floor")
+def apply_capacity_floor(event):
+    s = _settings()
+    return handle_capacity_floor(s, ScalingAdapters.from_settings(s), time.time())
+
+
+@autoscaling.on_cw_event(
+    {"source": ["aws.autoscaling"], "detail-type": [LAUNCH_DETAIL_TYPE]}, name="on_instance_launch_action"
+)
+def on_instance_launch_action(event):
+    s = _settings()
+    return handle_lifecycle(event.to_dict(), s, ScalingAdapters.from_settings(s), time.time())
+
+
+@autoscaling.on_cw_event(
+    {"source": ["aws.autoscaling"], "detail-type": [TERMINATE_DETAIL_TYPE]},
+    name="on_instance_terminate_action",
+)
+def on_instance_terminate_action(event):
+    s = _settings()
+    return handle_lifecycle(event.to_dict(), s, ScalingAdapters.from_settings(s), time.time())

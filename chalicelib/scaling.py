@@ -334,9 +334,7 @@ def _tracked_capacity(m: MinuteMetrics, fleet: FleetCounts, target: float) -> in
     return math.ceil(n * _per_instance(m, fleet) / target - 1e-9)
 
 
-def decide_target_tracking(
-    inp: PolicyInput, state: PolicyState, s: ScalingSettings, now: float
-) -> Decision:
+def decide_target_tracking(inp: PolicyInput, state: PolicyState, s: ScalingSettings, now: float) -> Decision:
     """AWS-style target tracking on in-flight per instance.
 
     Scale out when the last 3 one-minute datapoints are above target, scale in when the last 15
