@@ -1,0 +1,529 @@
+"""The whole product end to end on one machine (``make demo``, ``nlpfleet demo``).
+
+What a user would do against AWS, against the local stack (``localstack/``):
+
+1. start the stack (moto + the real handlers + local instances + load balancer);
+2. upload Banking77 (train and dev) under ``datasets/`` with a job spec: the S3 event makes a
+   fine-tune job; the planner's choice, the launch, the training progress and the dev accuracy
+   are shown as the job record reports them;
+3. the job publishes the model; its manifest's S3 event rolls it out to the inference fleet;
+4. a compressed slice of the NASA-HTTP July 1995 trace is replayed against the load balancer
+   (Banking77 texts as request bodies) while the autoscaler scales the fleet out and, in the
+   trace's night, back in, through the lifecycle hooks (warm-up, drain);
+5. a summary (job, accuracy, requests served / refused / failed, p50/p99 latency,
+   instance-minutes, every scaling decision with its reason) and a PNG timeline;
+6. everything is stopped.
+
+``run(DemoConfig(...))`` returns the summary; the end-to-end test runs a shorter configuration
+of the same function and asserts on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import json
+import os
+import random
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class DemoError(RuntimeError):
+    pass
+
+
+@dataclass
+class DemoConfig:
+    state_dir: Path = field(
+        default_factory=lambda: Path(os.environ.get("NLPFLEET_DEMO_DIR", "/tmp/nlpfleet-demo"))
+    )
+    data_dir: Path = field(
+        default_factory=lambda: Path(os.environ.get("NLPFLEET_SHARED", REPO.parent / "shared")) / "data"
+    )
+    out_dir: Path = field(default_factory=lambda: REPO / "demo-out")
+    # the job
+    per_class_train: int | None = None  # None: the whole training set
+    per_class_dev: int | None = None
+    epochs: int = 2
+    learning_rate: float = 1e-4
+    batch_size: int = 32
+    job_timeout_s: float = 360.0
+    # the fleet and the replay
+    speed: float = 60.0  # local clock: one virtual minute per real second
+    max_size: int = 4
+    trace_start: str = "1995-07-12T03:00:00-04:00"
+    trace_minutes: int = 24 * 60
+    trace_minutes_per_s: float = 6.0  # a trace day in 4 minutes
+    rps_per_req_per_min: float = 0.4  # the trace's requests/minute become this many requests/second
+    settle_s: float = 60.0  # after the replay: wait for the night's scale-in
+    env: dict[str, str] = field(default_factory=dict)  # handler environment overrides
+    quiet: bool = False
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def say(cfg: DemoConfig, msg: str) -> None:
+    if not cfg.quiet:
+        print(msg, flush=True)
+
+
+def stratified_csv(
+    src: Path, dst: Path, per_class: int | None, label_field: str = "category", seed: int = 0
+) -> int:
+    """Copy ``src`` to ``dst`` keeping at most ``per_class`` rows of each label (all if None)."""
+    with open(src, newline="") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+        fields = reader.fieldnames
+    if per_class is not None:
+        rng = random.Random(seed)
+        rng.shuffle(rows)
+        kept, seen = [], {}
+        for r in rows:
+            if seen.get(r[label_field], 0) < per_class:
+                seen[r[label_field]] = seen.get(r[label_field], 0) + 1
+                kept.append(r)
+        rows = kept
+    with open(dst, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
+    return len(rows)
+
+
+class Session:
+    """The demo's handles on a running local stack: the API (as a user), S3 (uploads), the
+    stand-in's Auto Scaling (observation only) and the stack's admin endpoint (faults)."""
+
+    def __init__(self, state: dict):
+        from localstack.moto import aws_env, client
+
+        self.state = state
+        self.api = httpx.Client(base_url=state["api_url"], timeout=60)
+        self.lb_url = state["lb_url"]
+        self.admin = httpx.Client(base_url=state["admin_url"], timeout=30)
+        env = aws_env(state["endpoint_url"], state["region"])
+        self.s3 = client("s3", env)
+        self.sqs = client("sqs", env)
+        self.asg = client("autoscaling", env)
+        self.ec2 = client("ec2", env)
+        self.bucket = state["environment"]["BUCKET"]
+        self.asg_name = state["environment"].get("INFERENCE_ASG_NAME") or state["environment"].get(
+            "INFERENCE_ASG"
+        )
+
+    def jobs(self) -> list[dict]:
+        return self.api.get("/jobs").json()["jobs"]
+
+    def job(self, job_id: str) -> dict:
+        return self.api.get(f"/jobs/{job_id}").json()
+
+    def local(self) -> dict:
+        return self.admin.get("/local/state").json()
+
+    def group(self) -> dict:
+        groups = self.asg.describe_auto_scaling_groups(AutoScalingGroupNames=[self.asg_name])[
+            "AutoScalingGroups"
+        ]
+        return groups[0] if groups else {}
+
+    def kill(self, instance_id: str) -> dict:
+        return self.admin.post(f"/local/instances/{instance_id}/kill").json()
+
+    def close(self) -> None:
+        self.api.close()
+        self.admin.close()
+
+
+def wait_until(fn, timeout_s: float, what: str, interval_s: float = 0.5):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = fn()
+        if value:
+            return value
+        time.sleep(interval_s)
+    raise DemoError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+
+
+# ------------------------------------------------------------------ phases
+
+
+def start_stack(cfg: DemoConfig) -> dict:
+    from localstack.stack import StackConfig, spawn, stop
+
+    stop(cfg.state_dir, timeout_s=30)  # a previous run that was interrupted
+    scfg = StackConfig(state_dir=cfg.state_dir, speed=cfg.speed)
+    scfg.parameters["InferenceMaxSize"] = str(cfg.max_size)
+    scfg.env_overrides.update(cfg.env)
+    return spawn(scfg)
+
+
+def upload_dataset(cfg: DemoConfig, s: Session) -> str:
+    """Banking77 train + dev under ``datasets/banking77/``, the job spec as the training file's
+    sidecar; returns the training file's key (its upload is what makes the job)."""
+    work = cfg.state_dir / "upload"
+    work.mkdir(parents=True, exist_ok=True)
+    src = cfg.data_dir / "banking77"
+    n_train = stratified_csv(src / "train.csv", work / "train.csv", cfg.per_class_train)
+    n_dev = stratified_csv(src / "dev.csv", work / "dev.csv", cfg.per_class_dev)
+    prefix = "datasets/banking77"
+    s.s3.upload_file(str(work / "dev.csv"), s.bucket, f"{prefix}/dev.csv")
+    spec = {
+        "type": "finetune",
+        "model_name": "banking77",
+        "text_field": "text",
+        "label_field": "category",
+        "eval_uri": f"s3://{s.bucket}/{prefix}/dev.csv",
+        "epochs": cfg.epochs,
+        "learning_rate": cfg.learning_rate,
+        "batch_size": cfg.batch_size,
+        "seq_len": 64,
+    }
+    s.s3.put_object(Bucket=s.bucket, Key=f"{prefix}/train.csv.job.json", Body=json.dumps(spec).encode())
+    s.s3.upload_file(str(work / "train.csv"), s.bucket, f"{prefix}/train.csv")
+    say(
+        cfg,
+        f"uploaded s3://{s.bucket}/{prefix}/ (train {n_train} rows, dev {n_dev} rows, spec {json.dumps(spec)})",
+    )
+    return f"{prefix}/train.csv"
+
+
+def run_job(cfg: DemoConfig, s: Session, key: str) -> dict:
+    from nlpfleet.cli import progress_fraction
+
+    job = wait_until(
+        lambda: next((j for j in s.jobs() if (j.get("source") or {}).get("key") == key), None), 60, "the job"
+    )
+    job = s.job(job["job_id"])
+    plan = job.get("plan") or {}
+    say(
+        cfg,
+        f"job {job['job_id']} created from the upload; planner chose {plan.get('instance_type')}"
+        f" ({plan.get('reason') or plan.get('why') or json.dumps(plan)[:200]})",
+    )
+    last_state, last_pct = None, -1
+    deadline = time.monotonic() + cfg.job_timeout_s
+    while time.monotonic() < deadline:
+        job = s.job(job["job_id"])
+        if job["state"] != last_state:
+            last_state = job["state"]
+            inst = job.get("instance") or {}
+            say(
+                cfg,
+                f"  {job['state']}"
+                + (
+                    f" on {inst.get('instance_type')} {inst.get('market')} "
+                    f"{inst.get('instance_id')} (attempt {job.get('attempt')})"
+                    if inst
+                    else ""
+                ),
+            )
+        frac = progress_fraction(job.get("progress") or {})
+        if frac is not None and int(frac * 20) != last_pct:
+            last_pct = int(frac * 20)
+            bar = "#" * last_pct + "." * (20 - last_pct)
+            prog = job.get("progress") or {}
+            extra = " ".join(f"{k}={prog[k]}" for k in ("epoch", "loss", "accuracy") if k in prog)
+            say(cfg, f"  [{bar}] {100 * frac:5.1f}% {extra}")
+        if job["state"] in ("SUCCEEDED", "FAILED", "CANCELLED"):
+            return job
+        time.sleep(1.0)
+    raise DemoError(f"job {job['job_id']} still {job['state']} after {cfg.job_timeout_s:.0f}s")
+
+
+def wait_rollout(cfg: DemoConfig, s: Session, timeout_s: float = 120) -> dict:
+    models = wait_until(
+        lambda: s.api.get("/models").json().get("active") or None, timeout_s, "the active model"
+    )
+    say(cfg, f"model {models.get('name')}/{models.get('version')} is active: {models.get('uri')}")
+    wait_until(
+        lambda: any(t["state"] == "healthy" for t in (s.local()["lb"] or {}).get("targets", [])),
+        timeout_s,
+        "a warm inference instance behind the load balancer",
+    )
+    say(cfg, "an inference instance completed its launch hook and serves behind the load balancer")
+    return models
+
+
+class Sampler:
+    """Samples the fleet every ``interval_s``: desired capacity, instances per lifecycle state,
+    targets the load balancer considers healthy."""
+
+    def __init__(self, s: Session, interval_s: float = 0.5):
+        self.s, self.interval_s = s, interval_s
+        self.samples: list[dict] = []
+        self._stop = threading.Event()
+        self._t0 = time.monotonic()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                g = self.s.group()
+                lb = self.s.local()["lb"] or {}
+                states: dict[str, int] = {}
+                for i in g.get("Instances", []):
+                    states[i["LifecycleState"]] = states.get(i["LifecycleState"], 0) + 1
+                self.samples.append(
+                    {
+                        "t": time.monotonic() - self._t0,
+                        "desired": g.get("DesiredCapacity", 0),
+                        "states": states,
+                        "ready": sum(1 for t in lb.get("targets", []) if t["state"] == "healthy"),
+                    }
+                )
+            except Exception:  # the stack may be stopping
+                pass
+            self._stop.wait(self.interval_s)
+
+    def start(self, t0: float) -> Sampler:
+        self._t0 = t0
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+
+def replay_trace(cfg: DemoConfig, s: Session, sampler_t0: float) -> list:
+    from localstack.replay import load_texts, load_trace, replay, send_plan
+
+    trace = load_trace(
+        cfg.data_dir / "nasa_http_jul95" / "requests_per_minute.csv", cfg.trace_start, cfg.trace_minutes
+    )
+    counts = [c for _, c in trace]
+    plan = send_plan(
+        counts,
+        trace_minutes_per_s=cfg.trace_minutes_per_s,
+        rate_mult=cfg.rps_per_req_per_min / cfg.trace_minutes_per_s,
+        seed=7,
+    )
+    texts = load_texts(cfg.data_dir / "banking77" / "dev.csv")
+    random.Random(3).shuffle(texts)
+    say(
+        cfg,
+        f"replaying {cfg.trace_minutes} trace minutes from {cfg.trace_start} in "
+        f"{cfg.trace_minutes / cfg.trace_minutes_per_s:.0f}s: {len(plan)} requests",
+    )
+
+    def tick(now, minute):
+        if int(now) % 20 == 0:
+            g = s.group()
+            say(
+                cfg,
+                f"  t={now:5.0f}s trace {trace[minute][0]} ({counts[minute]} req/min): "
+                f"desired {g.get('DesiredCapacity')}, in service "
+                f"{sum(i['LifecycleState'] == 'InService' for i in g.get('Instances', []))}",
+            )
+
+    return asyncio.run(replay(s.lb_url + "/v1/classify", plan, texts, on_tick=tick))
+
+
+def scaling_decisions(s: Session) -> list[dict]:
+    """Every scaling decision the control plane recorded, with its reason (from the handler logs
+    the stack keeps; the autoscaler also records them in its state table)."""
+    out = []
+    log = Path(s.state["state_dir"]) / "stack.log"
+    if not log.exists():
+        return out
+    for line in log.read_text(errors="replace").splitlines():
+        i = line.find("{")
+        if i < 0 or '"event"' not in line:
+            continue
+        try:
+            doc = json.loads(line[i:])
+        except ValueError:
+            continue
+        if isinstance(doc, dict) and doc.get("event") in (
+            "scaling_decision",
+            "scale",
+            "autoscale",
+            "scaling",
+        ):
+            out.append(doc)
+    return out
+
+
+def instance_minutes(s: Session, t_start: float, t_end: float) -> float:
+    """Inference instance-minutes between two wall-clock times, from the local instances' lives."""
+    total = 0.0
+    for i in s.local()["instances"]:
+        if i["role"] != "inference":
+            continue
+        a = max(i["started_at"], t_start)
+        b = min(i["ended_at"] or t_end, t_end)
+        total += max(0.0, b - a)
+    return total / 60.0
+
+
+def plot(path: Path, windows: list[dict], samples: list[dict], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(3, 1, figsize=(11, 8), sharex=True)
+    t = [w["t"] for w in windows]
+    axes[0].plot(t, [w["rps"] for w in windows], color="tab:blue", label="requests/s")
+    axes[0].bar(t, [w["refused"] for w in windows], width=1.5, color="tab:orange", label="refused")
+    axes[0].bar(t, [w["failed"] for w in windows], width=1.5, color="tab:red", label="failed")
+    axes[0].set_ylabel("traffic")
+    axes[0].legend(loc="upper right")
+    st = [x["t"] for x in samples]
+    axes[1].step(st, [x["desired"] for x in samples], where="post", label="desired", color="tab:purple")
+    axes[1].step(
+        st, [x["ready"] for x in samples], where="post", label="ready (LB healthy)", color="tab:green"
+    )
+    axes[1].step(
+        st,
+        [x["states"].get("InService", 0) for x in samples],
+        where="post",
+        label="InService",
+        color="tab:gray",
+        linestyle=":",
+    )
+    axes[1].set_ylabel("instances")
+    axes[1].legend(loc="upper right")
+    axes[2].plot(t, [(w["p99_s"] or 0) * 1000 for w in windows], color="tab:red")
+    axes[2].set_ylabel("p99 latency (ms)")
+    axes[2].set_xlabel("seconds since the replay started")
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------ the run
+
+
+def run(cfg: DemoConfig, after_rollout=None) -> dict:
+    """Run the demo; ``after_rollout(session)`` (tests: fault injection) runs once the model
+    serves. Always stops the stack."""
+    from localstack.replay import summarize, windows
+    from localstack.stack import stop
+
+    t_begin = time.time()
+    summary: dict = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}}
+    say(cfg, "starting the local stack ...")
+    state = start_stack(cfg)
+    s = Session(state)
+    say(
+        cfg,
+        f"  api {state['api_url']}, load balancer {state['lb_url']}, aws stand-in {state['endpoint_url']}",
+    )
+    try:
+        key = upload_dataset(cfg, s)
+        job = run_job(cfg, s, key)
+        summary["job"] = {
+            k: job.get(k) for k in ("job_id", "state", "result", "metrics", "error", "attempt", "plan")
+        }
+        say(cfg, f"job {job['state']}: {json.dumps(job.get('metrics') or job.get('result'))[:300]}")
+        if job["state"] != "SUCCEEDED":
+            raise DemoError(f"job ended {job['state']}: {job.get('error')}")
+        summary["model"] = wait_rollout(cfg, s)
+        if after_rollout:
+            summary["faults"] = after_rollout(s)
+        t0 = time.monotonic()
+        sampler = Sampler(s).start(t0)
+        t_wall0 = time.time()
+        results = replay_trace(cfg, s, t0)
+        say(cfg, f"replay done; waiting up to {cfg.settle_s:.0f}s for the night's scale-in")
+        try:
+            floor = min(x["desired"] for x in sampler.samples) if sampler.samples else 1
+            wait_until(lambda: s.group().get("DesiredCapacity", 0) <= max(floor, 1), cfg.settle_s, "scale-in")
+        except DemoError as e:
+            say(cfg, f"  {e}")
+        sampler.stop()
+        t_wall1 = time.time()
+        summary["traffic"] = summarize(results)
+        summary["instance_minutes"] = round(instance_minutes(s, t_wall0, t_wall1), 2)
+        summary["samples"] = sampler.samples
+        summary["decisions"] = scaling_decisions(s)
+        summary["local"] = {
+            k: v for k, v in s.local().items() if k in ("dispatcher", "failures", "lb", "instances")
+        }
+        png = cfg.out_dir / "timeline.png"
+        plot(png, windows(results), sampler.samples, "nlpfleet local demo: traffic, capacity, p99 latency")
+        summary["timeline_png"] = str(png)
+    finally:
+        s.close()
+        say(cfg, "stopping the local stack ...")
+        stop(cfg.state_dir)
+    summary["stopped"] = True
+    summary["elapsed_s"] = round(time.time() - t_begin, 1)
+    return summary
+
+
+def print_summary(summary: dict) -> None:
+    job = summary.get("job") or {}
+    tr = summary.get("traffic") or {}
+    acc = (job.get("metrics") or {}).get("accuracy") or ((job.get("result") or {}).get("metrics") or {}).get(
+        "accuracy"
+    )
+    print("\n=== summary ===")
+    print(f"job:               {job.get('job_id')} {job.get('state')} (attempts {job.get('attempt')})")
+    print(f"dev accuracy:      {acc}")
+    print(
+        f"requests:          {tr.get('requests')} sent, {tr.get('served')} served, "
+        f"{tr.get('refused')} refused (429/503), {tr.get('failed')} failed"
+    )
+    if tr.get("p50_s") is not None:
+        print(f"latency:           p50 {1000 * tr['p50_s']:.1f} ms, p99 {1000 * tr['p99_s']:.1f} ms")
+    print(f"instance-minutes:  {summary.get('instance_minutes')}")
+    print("scaling decisions:")
+    for d in summary.get("decisions", []):
+        print(f"  {json.dumps(d)[:240]}")
+    print(f"timeline:          {summary.get('timeline_png')}")
+    print(
+        f"elapsed:           {summary.get('elapsed_s')} s; all local processes stopped: {summary.get('stopped')}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="nlpfleet demo", description="the whole product end to end, locally")
+    ap.add_argument("--short", action="store_true", help="the end-to-end test's shorter configuration")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv or [])
+    cfg = short_config() if args.short else DemoConfig()
+    if args.out:
+        cfg.out_dir = args.out
+    try:
+        summary = run(cfg)
+    except DemoError as e:
+        print(f"demo failed: {e}", file=sys.stderr)
+        return 1
+    cfg.out_dir.mkdir(parents=True, exist_ok=True)
+    (cfg.out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    print_summary(summary)
+    return 0 if (summary.get("traffic") or {}).get("failed") == 0 else 1
+
+
+def short_config(**kw) -> DemoConfig:
+    """A few minutes instead of ten: a stratified slice of Banking77, one epoch, a shorter trace."""
+    base = dict(
+        per_class_train=16,
+        per_class_dev=8,
+        epochs=2,
+        trace_minutes=12 * 60,
+        trace_minutes_per_s=12.0,
+        trace_start="1995-07-12T08:00:00-04:00",
+        settle_s=30.0,
+    )
+    base.update(kw)
+    return DemoConfig(**base)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
