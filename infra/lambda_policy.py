@@ -61,9 +61,15 @@ def policy(stage: str) -> dict:
             "Resource": [sub("${JobsTable.Arn}"), sub("${JobsTable.Arn}/index/*")],
         },
         {
-            "Sid": "ScalingState",  # the autoscaler's state between one-minute decisions
+            "Sid": "ScalingState",  # fleet: policy and per-instance records (get/put/delete_item)
             "Effect": "Allow",
-            "Action": ["dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:Query"],
+            "Action": [
+                "dynamodb:GetItem",
+                "dynamodb:PutItem",
+                "dynamodb:UpdateItem",
+                "dynamodb:DeleteItem",
+                "dynamodb:Query",
+            ],
             "Resource": [sub("${ScalingStateTable.Arn}")],
         },
         {
@@ -133,10 +139,13 @@ def policy(stage: str) -> dict:
             "Condition": {"StringEquals": {"iam:PassedToService": "ec2.amazonaws.com"}},
         },
         {
-            "Sid": "FleetControl",  # autoscaler: set_desired_capacity; lifecycle: complete_lifecycle_action
+            # fleet: set_desired_capacity, update_auto_scaling_group (capacity floors: MinSize),
+            # complete_lifecycle_action
+            "Sid": "FleetControl",
             "Effect": "Allow",
             "Action": [
                 "autoscaling:SetDesiredCapacity",
+                "autoscaling:UpdateAutoScalingGroup",
                 "autoscaling:CompleteLifecycleAction",
                 "autoscaling:RecordLifecycleActionHeartbeat",
             ],

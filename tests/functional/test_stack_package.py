@@ -121,6 +121,21 @@ def test_s3_rule_matches_only_the_stacks_bucket(merged):
             assert pattern["detail"]["bucket"]["name"] == [{"Ref": "DataBucket"}]
 
 
+def test_lifecycle_rules_match_only_the_stacks_inference_group(merged):
+    for template in merged.values():
+        patterns = [
+            ev["Properties"]["Pattern"]
+            for fn in _functions(template).values()
+            for ev in (fn["Properties"].get("Events") or {}).values()
+            if ev["Type"] == "CloudWatchEvent"
+            and "aws.autoscaling" in ev["Properties"]["Pattern"].get("source", [])
+        ]
+        kinds = {t for p in patterns for t in p["detail-type"]}
+        assert kinds == {"EC2 Instance-launch Lifecycle Action", "EC2 Instance-terminate Lifecycle Action"}
+        for pattern in patterns:
+            assert pattern["detail"]["AutoScalingGroupName"] == [{"Ref": "InferenceGroup"}]
+
+
 def test_stack_parameters_are_vpc_subnets_and_ami(merged):
     params = merged["dev"]["Parameters"]
     assert params["VpcId"]["Type"] == "AWS::EC2::VPC::Id"
