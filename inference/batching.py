@@ -158,6 +158,7 @@ class Batcher:
         max_batch_tokens: int,
         max_wait_ms: float,
         token_overflow: str = "truncate",
+        run_workers: int = 1,
         metrics: BatchMetrics | None = None,
         clock: Callable[[], float] = time.monotonic,
     ):
@@ -173,8 +174,11 @@ class Batcher:
         self._ready_evt = asyncio.Event()
         self._prepared: asyncio.Queue[_Batch] = asyncio.Queue(maxsize=1)
         self._tok_pool = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
-        # One run at a time: ONNX Runtime already spreads one run over the cores.
-        self._run_pool = ThreadPoolExecutor(1, thread_name_prefix="infer")
+        # Concurrent model runs. One run already spreads over intra_op_threads cores; on a small
+        # CPU shared with the event loop, two single-threaded runs side by side waste less on
+        # thread synchronisation (bench/bench_server.py measures both).
+        self.run_workers = run_workers
+        self._run_pool = ThreadPoolExecutor(run_workers, thread_name_prefix="infer")
         self._tasks: list[asyncio.Task] = []
         self._queued_texts = 0
 
@@ -188,7 +192,7 @@ class Batcher:
         self._tasks = [
             loop.create_task(self._tokenize_loop(), name="tokenize"),
             loop.create_task(self._batch_loop(), name="batch"),
-            loop.create_task(self._run_loop(), name="run"),
+            *(loop.create_task(self._run_loop(), name=f"run-{i}") for i in range(self.run_workers)),
         ]
 
     async def stop(self) -> None:

@@ -8,8 +8,8 @@ environment. A missing required key or a bad value fails at start-up, naming the
 Example::
 
     >>> s = Settings.from_env({"NLPFLEET_MODEL": "/m", "NLPFLEET_MAX_WAIT_MS": "5"})
-    >>> s.model, s.max_wait_ms, s.max_batch_tokens
-    ('/m', 5.0, 8192)
+    >>> s.model, s.max_wait_ms, s.max_batch_size
+    ('/m', 5.0, 32)
 """
 
 from __future__ import annotations
@@ -36,9 +36,12 @@ class Settings:
     variant: str = ""
     providers: tuple[str, ...] = ()
     intra_op_threads: int = 0  # 0: ONNX Runtime's default (one per core)
-    # Dynamic batching: padded cost of a batch = longest sequence x texts.
+    run_workers: int = 1  # batches run concurrently (each on intra_op_threads threads)
+    # Dynamic batching: padded cost of a batch = longest sequence x texts. 0 = by provider
+    # (auto_batch_tokens): on CPU every padded token costs, so small length-grouped batches win;
+    # a GPU runs a big batch in about the time of a small one.
     max_batch_size: int = 32
-    max_batch_tokens: int = 8192
+    max_batch_tokens: int = 0
     max_wait_ms: float = 2.0
     # Admission: requests past this many in flight are refused at once with 429.
     max_inflight_requests: int = 512
@@ -79,7 +82,7 @@ class Settings:
         need(bool(self.model), "model", "must name a directory or an s3:// URI")
         need(0 < self.port < 65536, "port", "must be in 1..65535")
         need(self.variant in ("", "fp32", "int8", "fp16"), "variant", "must be fp32, int8 or fp16")
-        for key in ("max_batch_size", "max_batch_tokens", "max_inflight_requests", "max_texts_per_request",
+        for key in ("max_batch_size", "run_workers", "max_inflight_requests", "max_texts_per_request",
                     "max_chars_per_text", "max_tokens_per_text"):  # fmt: skip
             need(getattr(self, key) > 0, key, "must be positive")
         need(self.max_wait_ms >= 0, "max_wait_ms", "must be >= 0")
@@ -88,14 +91,32 @@ class Settings:
         need(self.token_overflow in TOKEN_OVERFLOW_POLICIES, "token_overflow", "must be truncate or reject")
         # One text of the longest allowed length must always fit in a batch on its own.
         need(
-            self.max_batch_tokens >= self.max_tokens_per_text,
+            self.max_batch_tokens == 0 or self.max_batch_tokens >= self.max_tokens_per_text,
             "max_batch_tokens",
             f"must be >= max_tokens_per_text ({self.max_tokens_per_text})",
         )
         return self
 
-    def env_key(self, name: str) -> str:
-        return PREFIX + name.upper()
+    def batch_tokens_for(self, provider: str, max_tokens_per_text: int) -> int:
+        """The token budget in force: the configured one, or the provider's default.
+
+        >>> s = Settings.from_env({"NLPFLEET_MODEL": "/m"})
+        >>> s.batch_tokens_for("CPUExecutionProvider", 128), s.batch_tokens_for("CUDAExecutionProvider", 128)
+        (256, 16384)
+        """
+        if self.max_batch_tokens:
+            return self.max_batch_tokens
+        auto = AUTO_BATCH_TOKENS.get(provider, AUTO_BATCH_TOKENS["CPUExecutionProvider"])
+        return max(auto, max_tokens_per_text)
+
+
+# Measured on banking77-length texts (bench/bench_server.py): on CPU a 256-token budget keeps
+# padding near 10% with a deep queue; a larger one pads short questions up to the longest.
+AUTO_BATCH_TOKENS = {
+    "CPUExecutionProvider": 256,
+    "CUDAExecutionProvider": 16384,
+    "TensorrtExecutionProvider": 16384,
+}
 
 
 def _parse(key: str, typ: object, raw: str) -> object:

@@ -135,6 +135,10 @@ class State:
 
     def set_model(self, clf) -> None:
         # One assignment on the event loop thread: requests see either the old or the new model.
+        if self.batcher is not None:
+            self.batcher.max_batch_tokens = self.settings.batch_tokens_for(
+                clf.providers_in_use[0], clf.max_tokens
+            )
         old, self.model = self.model, clf
         if old is not None:
             self.metrics.model_info.remove(old.name, old.version, old.variant, old.providers_in_use[0])
@@ -299,9 +303,11 @@ def create_app(settings: Settings, *, s3_client=None) -> Starlette:
         state = State(settings, metrics)
         state.batcher = Batcher(
             max_batch_size=settings.max_batch_size,
-            max_batch_tokens=settings.max_batch_tokens,
+            max_batch_tokens=settings.max_batch_tokens
+            or settings.max_tokens_per_text,  # until the model loads
             max_wait_ms=settings.max_wait_ms,
             token_overflow=settings.token_overflow,
+            run_workers=settings.run_workers,
             metrics=metrics,
         )
         state.batcher.start()
@@ -388,8 +394,10 @@ def create_app(settings: Settings, *, s3_client=None) -> Starlette:
                     "max_inflight_requests": settings.max_inflight_requests,
                 },
                 "batching": {
+                    "run_workers": settings.run_workers,
+                    "intra_op_threads": settings.intra_op_threads,
                     "max_batch_size": settings.max_batch_size,
-                    "max_batch_tokens": settings.max_batch_tokens,
+                    "max_batch_tokens": s.batcher.max_batch_tokens,
                     "max_wait_ms": settings.max_wait_ms,
                 },
             }
