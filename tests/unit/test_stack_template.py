@@ -385,3 +385,36 @@ def test_lambda_environment_names_are_ones_the_control_plane_reads(template):
     # SUBNET_IDS and INFERENCE_TARGET_GROUP_ARN are offered for launches across subnets and
     # target-health reads; the rest must be names chalicelib reads.
     assert set(unread) <= {"SUBNET_IDS", "INFERENCE_TARGET_GROUP_ARN"}, unread
+
+
+def _role_doc(resources: dict, role: str) -> dict:
+    (pol,) = resources[role]["Properties"]["Policies"]
+    return pol["PolicyDocument"]
+
+
+def test_job_instance_role_allows_every_aws_call_a_job_makes(resources):
+    sources = [
+        REPO / "nlpfleet" / "instance.py",
+        REPO / "nlpfleet" / "jobs_preprocess.py",
+        REPO / "inference" / "artifact.py",
+        *sorted((REPO / "training").glob("*.py")),
+    ]
+    calls = aws_calls([p for p in sources if p.exists()])
+    assert {"get_object", "put_object"} <= set(calls)
+    # progress and result through chalicelib.jobs_store.update: get_item, then a conditional
+    # put_item (its list/scan paths serve the API, not the worker)
+    calls.update({"get_item": ["dynamodb:GetItem"], "put_item": ["dynamodb:PutItem"]})
+    doc = _role_doc(resources, "JobInstanceRole")
+    missing = {op: a for op, a in calls.items() if not any(allows(doc, x) for x in a)}
+    assert not missing, f"JobInstanceRole lacks: {missing}"
+
+
+def test_inference_instance_role_allows_the_server_and_agent_calls_and_model_fetches(resources):
+    sources = [REPO / "inference" / n for n in ("server.py", "agent.py", "runtime.py")]
+    calls = aws_calls([p for p in sources if p.exists()])
+    calls.update({"get_object": ["s3:GetObject"], "list_objects_v2": ["s3:ListBucket"]})  # fetch_artifact
+    doc = _role_doc(resources, "InferenceInstanceRole")
+    missing = {op: a for op, a in calls.items() if not any(allows(doc, x) for x in a)}
+    assert not missing, f"InferenceInstanceRole lacks: {missing}"
+    # an inference instance can never write to the bucket or the job table
+    assert not any(allows(doc, a) for a in ("s3:PutObject", "s3:DeleteObject", "dynamodb:PutItem"))
