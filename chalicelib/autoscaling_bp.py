@@ -63,8 +63,8 @@ class ScalingAdapters:
         return cls(AutoScalingGroup(clients), FleetMetrics(clients), ScalingStore(clients, s.state_table))
 
 
-def _log(kind: str, **fields: Any) -> dict[str, Any]:
-    doc = {"event": kind, **fields}
+def _log(event_name: str, **fields: Any) -> dict[str, Any]:
+    doc = {"event": event_name, **fields}
     log.info(json.dumps(doc, default=str, sort_keys=True))
     return doc
 

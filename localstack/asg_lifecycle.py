@@ -146,7 +146,11 @@ class AsgLifecycle:
             (models.FakeAutoScalingGroup, "set_desired_capacity", set_desired_capacity),
             (models.AutoScalingBackend, "terminate_instance", terminate_instance),
             (responses.AutoScalingResponse, "complete_lifecycle_action", complete_lifecycle_action),
-            (responses.AutoScalingResponse, "record_lifecycle_action_heartbeat", record_lifecycle_action_heartbeat),
+            (
+                responses.AutoScalingResponse,
+                "record_lifecycle_action_heartbeat",
+                record_lifecycle_action_heartbeat,
+            ),
             (responses.AutoScalingResponse, "call_action", call_action),
         ]
         for owner, name, fn in patches:
@@ -232,7 +236,7 @@ class AsgLifecycle:
                 candidates = [s for s in live if not s.protected_from_scale_in]
                 # still warming first (they serve nothing yet), then the oldest
                 candidates.sort(key=lambda s: 0 if s.lifecycle_state.startswith("Pending") else 1)
-                for st in candidates[: -delta]:
+                for st in candidates[:-delta]:
                     self._begin_termination(group, st)
             backend = group.autoscaling_backend
             if group.name in backend.autoscaling_groups:
@@ -257,7 +261,10 @@ class AsgLifecycle:
 
         with self._lock:
             st = next(
-                s for g in backend.autoscaling_groups.values() for s in g.instance_states if s.instance.id == instance_id
+                s
+                for g in backend.autoscaling_groups.values()
+                for s in g.instance_states
+                if s.instance.id == instance_id
             )
             group = st.instance.autoscaling_group
             original = group.desired_capacity
