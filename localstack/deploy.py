@@ -73,16 +73,25 @@ class Deployment:
     hooks: tuple[dict, ...]
     skipped: tuple[str, ...]
 
-    def environment(self) -> dict[str, str]:
-        """The union of the functions' environments (they run in one process locally).
-        Chalice gives every function of a stage the same variables; a conflict is an error."""
-        env: dict[str, str] = {}
+    def function(self, logical_id: str) -> LocalFunction:
+        return next(f for f in self.functions if f.logical_id == logical_id)
+
+    def environment(self, logical_id: str | None = None) -> dict[str, str]:
+        """A function's environment (default: the API handler's, else the first function's)."""
+        if logical_id is None:
+            api = [f for f in self.functions if f.is_api]
+            fn = api[0] if api else self.functions[0]
+        else:
+            fn = self.function(logical_id)
+        return dict(fn.environment)
+
+    def conflicts(self) -> dict[str, dict[str, str]]:
+        """Variables whose value differs between functions: {name: {function: value}}."""
+        seen: dict[str, dict[str, str]] = {}
         for fn in self.functions:
             for k, v in fn.environment.items():
-                if k in env and env[k] != v:
-                    raise ValueError(f"functions disagree on environment variable {k}: {env[k]!r} vs {v!r}")
-                env[k] = v
-        return env
+                seen.setdefault(k, {})[fn.logical_id] = v
+        return {k: by_fn for k, by_fn in seen.items() if len(set(by_fn.values())) > 1}
 
 
 def deploy(

@@ -26,6 +26,10 @@ constant ``id`` (``17793124-05d4-…``); AWS gives each event its own id and kee
 redeliveries. The dispatcher replaces that constant by a UUID derived from what identifies the
 S3 event (bucket, key, version id or sequencer), so a redelivery keeps its id.
 
+Each function runs with its own environment, as each Lambda function has its own: the process
+environment is swapped in for the invocation under one lock (``function_env``), so handlers of
+functions whose variables differ never see each other's values (invocations are serialized).
+
 Delivery is at least once, as in AWS. A message is deleted only after the handler returns; a
 handler that raises is retried after a short back-off, and after ``max_attempts`` (Lambda's
 asynchronous invocation makes 1 + 2 retries) the event is dropped and recorded in
@@ -34,10 +38,12 @@ asynchronous invocation makes 1 + 2 retries) the event is dropped and recorded i
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import json
 import logging
+import os
 import sys
 import threading
 import time
@@ -63,6 +69,7 @@ class Route:
     memory_mb: int = 128
     batch_size: int = 10
     accept: Callable[[dict], bool] | None = None  # see the moto gap in the module docstring
+    environment: dict[str, str] = field(default_factory=dict)  # the function's own variables
     invocations: int = 0
     filtered: int = 0
     recent: deque = field(default_factory=lambda: deque(maxlen=50))  # last events handled
@@ -71,6 +78,23 @@ class Route:
 
 
 _MODULES: dict[tuple[str, str], object] = {}
+_ENV_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def function_env(env: dict[str, str]):
+    """Run the body with ``env`` layered over the process environment (one function at a time)."""
+    with _ENV_LOCK:
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            yield
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
 
 def load_handler(handler: str, app_dir: str | Path):
@@ -171,7 +195,8 @@ class Dispatcher:
         route.invocations += 1
         route.recent.append(event)
         try:
-            route.handler(event, lambda_context(route))
+            with function_env(route.environment):
+                route.handler(event, lambda_context(route))
         except Exception as exc:
             route.errors += 1
             tb = traceback.format_exc()

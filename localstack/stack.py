@@ -35,7 +35,7 @@ from pathlib import Path
 
 from localstack.clock import Clock, Scheduler
 from localstack.deploy import Deployment, chalice_package, deploy
-from localstack.dispatcher import Dispatcher, Route, is_scheduled_event, load_handler
+from localstack.dispatcher import Dispatcher, Route, function_env, is_scheduled_event, load_handler
 from localstack.instances import InstanceManager, LocalInstance
 from localstack.lb import LoadBalancer
 from localstack.moto import ACCOUNT_ID, LOOPBACK, REGION, MotoServer
@@ -89,6 +89,7 @@ class LocalStack:
         self.api_url: str | None = None
         self.admin_url: str | None = None
         self._admin = None
+        self._target_groups: list[str] = []
         self._api_server = None
         self._api_thread: threading.Thread | None = None
         self._saved_env: dict[str, str | None] = {}
@@ -145,7 +146,17 @@ class LocalStack:
 
         factory = CLIFactory(str(self.config.project_dir))
         chalice_config = factory.create_config_obj(chalice_stage_name=self.config.stage)
+        api_fn = next(f for f in self.deployment.functions if f.is_api)
+        env = self._function_env(api_fn.logical_id)
         server = create_local_server(app_obj, chalice_config, LOOPBACK, self.config.api_port)
+        local_cls = app_obj.__class__
+
+        class WithFunctionEnv(local_cls):  # the API function's own environment per request
+            def __call__(self, event, context):
+                with function_env(env):
+                    return super().__call__(event, context)
+
+        app_obj.__class__ = WithFunctionEnv
         self._api_server = server
         self._api_thread = threading.Thread(target=server.server.serve_forever, name="api", daemon=True)
         self._api_thread.start()
@@ -166,9 +177,13 @@ class LocalStack:
                     timeout_s=fn.timeout_s,
                     memory_mb=fn.memory_mb,
                     accept=is_scheduled_event if kinds == {"Schedule"} else None,
+                    environment=self._function_env(fn.logical_id),
                 )
             )
         return routes
+
+    def _function_env(self, logical_id: str) -> dict[str, str]:
+        return {**self.deployment.environment(logical_id), **self.config.env_overrides}
 
     def _instance_env(self) -> dict[str, str]:
         env = {k: os.environ[k] for k in _PASS_ENV if k in os.environ}
@@ -189,16 +204,15 @@ class LocalStack:
             log.exception("cannot mark %s unhealthy", inst.instance_id)
 
     def targets(self) -> dict[str, str]:
-        """Registered targets of the inference target group, as local URLs."""
-        tg = self.deployment.environment().get("INFERENCE_TARGET_GROUP_ARN")
-        if not tg:
-            return {}
-        health = self.client("elbv2").describe_target_health(TargetGroupArn=tg)["TargetHealthDescriptions"]
+        """Registered targets of the target groups the stack's Auto Scaling groups attach, as the
+        local URLs of those instances (an ALB's listener forwards to them)."""
         out = {}
-        for d in health:
-            inst = self.instances.instances.get(d["Target"]["Id"])
-            if inst is not None and inst.url and d.get("TargetHealth", {}).get("State") != "draining":
-                out[inst.instance_id] = inst.url
+        elbv2 = self.client("elbv2")
+        for tg in self._target_groups:
+            for d in elbv2.describe_target_health(TargetGroupArn=tg)["TargetHealthDescriptions"]:
+                inst = self.instances.instances.get(d["Target"]["Id"])
+                if inst is not None and inst.url and d.get("TargetHealth", {}).get("State") != "draining":
+                    out[inst.instance_id] = inst.url
         return out
 
     # -- up / down
@@ -214,10 +228,10 @@ class LocalStack:
             self._template, self.client, stack_name=f"nlpfleet-{cfg.stage}", parameters=self._parameters()
         )
         env = dict(self.moto.env)
-        env.update(self.deployment.environment())
         env["NLPFLEET_ENDPOINT_URL"] = self.moto.endpoint_url
-        env.update(cfg.env_overrides)
         self._set_env(env)
+        for name, by_fn in self.deployment.conflicts().items():
+            log.warning("functions disagree on %s: %s (each runs with its own, as in Lambda)", name, by_fn)
 
         routes = self._routes(self.deployment)
         self.dispatcher = Dispatcher(routes, self.client).start()
@@ -236,6 +250,11 @@ class LocalStack:
         ).start()
         log.info("handlers and instances ready after %.1fs", time.monotonic() - t0)
         self.lifecycle = self._start_lifecycle()
+        self._target_groups = [
+            arn
+            for g in self.client("autoscaling").describe_auto_scaling_groups()["AutoScalingGroups"]
+            for arn in g.get("TargetGroupARNs", [])
+        ]
         self.lb = LoadBalancer(self.targets).start()
         self._start_admin()
         log.info("local stack up in %.1fs: api %s, lb %s", time.monotonic() - t0, self.api_url, self.lb.url)
@@ -362,10 +381,31 @@ class LocalStack:
             "stage": self.config.stage,
             "speed": self.config.speed,
             "outputs": self.deployment.outputs if self.deployment else {},
-            "environment": self.deployment.environment() if self.deployment else {},
+            "environment": self._function_env(
+                next(f for f in self.deployment.functions if f.is_api).logical_id
+            )
+            if self.deployment
+            else {},
             "state_dir": str(self.config.state_dir),
             "started_at": time.time(),
         }
+
+
+def _running(pid: int) -> bool:
+    """True while ``pid`` runs; a child of ours that exited is reaped (a zombie is not running)."""
+    try:
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
 
 
 def read_state(state_dir: Path) -> dict | None:
@@ -374,11 +414,7 @@ def read_state(state_dir: Path) -> dict | None:
     if not f.exists():
         return None
     st = json.loads(f.read_text())
-    try:
-        os.kill(st["pid"], 0)
-    except ProcessLookupError:
-        return None
-    return st
+    return st if _running(st["pid"]) else None
 
 
 def spawn(cfg: StackConfig, timeout_s: float = 180.0) -> dict:
@@ -425,9 +461,7 @@ def stop(state_dir: Path, timeout_s: float = 90.0) -> bool:
         return False
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if not _running(pid):
             return True
         time.sleep(0.1)
     log.warning("local stack %d did not stop within %.0fs: killed", pid, timeout_s)
