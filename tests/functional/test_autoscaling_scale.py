@@ -1,0 +1,150 @@
+# ruff: noqa: F811  (pytest fixtures imported from test_autoscaling_lifecycle are used as parameters)
+"""The per-minute scaling Lambda and the capacity-floor schedule end to end: metrics published the
+way the instance agent publishes them (CloudWatch in moto), the decision through
+``chalice.test.Client``, ``SetDesiredCapacity`` on the group, state kept between invocations."""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import UTC, datetime
+
+import boto3
+import pytest
+from test_autoscaling_lifecycle import GROUP, REGION, TABLE, aws, client, decision_log, env  # noqa: F401
+
+from chalicelib.autoscaling_bp import ScalingAdapters, handle_capacity_floor, handle_scale
+from chalicelib.scaling_settings import ScalingSettings
+
+NS = "nlpfleet"
+
+
+def publish(minutes_ago: range, per_instance_inflight: float, instances: int, throttled: float = 0.0):
+    """What ``instances`` agents publish for each minute (one datapoint per instance per metric)."""
+    cw = boto3.client("cloudwatch", region_name=REGION)
+    now_min = int(time.time()) // 60 * 60
+    for ago in minutes_ago:
+        ts = datetime.fromtimestamp(now_min - 60 * ago, UTC)
+        dims = [{"Name": "AutoScalingGroupName", "Value": GROUP}]
+        data = []
+        for _ in range(instances):
+            for name, value, unit in (
+                ("RequestCount", 600.0, "Count"),
+                ("ThrottledCount", throttled / instances, "Count"),
+                ("InflightRequests", per_instance_inflight, "Count"),
+                ("QueueDepth", 0.0, "Count"),
+                ("LatencyP99", 0.1, "Seconds"),
+            ):
+                data.append(
+                    {"MetricName": name, "Dimensions": dims, "Timestamp": ts, "Value": value, "Unit": unit}
+                )
+        for i in range(0, len(data), 20):
+            cw.put_metric_data(Namespace=NS, MetricData=data[i : i + 20])
+
+
+def in_service(asg, n):
+    asg.set_desired_capacity(AutoScalingGroupName=GROUP, DesiredCapacity=n)
+    for i in asg.describe_auto_scaling_groups(AutoScalingGroupNames=[GROUP])["AutoScalingGroups"][0][
+        "Instances"
+    ]:
+        if i["LifecycleState"] == "Pending:Wait":
+            asg.complete_lifecycle_action(
+                AutoScalingGroupName=GROUP,
+                LifecycleHookName="nlpfleet-warmup",
+                InstanceId=i["InstanceId"],
+                LifecycleActionResult="CONTINUE",
+            )
+
+
+def group(asg):
+    return asg.describe_auto_scaling_groups(AutoScalingGroupNames=[GROUP])["AutoScalingGroups"][0]
+
+
+def scheduled_event(client):
+    return client.events.generate_cw_event("aws.events", "Scheduled Event", {}, [], region=REGION)
+
+
+def test_load_above_target_scales_out_and_pending_capacity_is_not_ordered_twice(aws, client, decision_log):
+    asg = aws["asg"]
+    in_service(asg, 2)
+    publish(range(2, 12), per_instance_inflight=24.0, instances=2)  # 3x the target of 8
+    out = client.lambda_.invoke("scale_inference_fleet", scheduled_event(client)).payload
+    assert out["event"] == "scaling_decision" and out["previous_desired"] == 2
+    assert out["desired"] == 6 and "scale-out" in out["reason"] and out["panic"]
+    g = group(asg)
+    assert g["DesiredCapacity"] == 6
+    assert sum(i["LifecycleState"] == "Pending:Wait" for i in g["Instances"]) == 4
+    # a minute later the same (delayed) metrics: the 4 booting instances count, nothing more is ordered
+    again = client.lambda_.invoke("scale_inference_fleet", scheduled_event(client)).payload
+    assert again["desired"] == 6 and group(asg)["DesiredCapacity"] == 6
+    assert [d["event"] for d in decision_log] == ["scaling_decision", "scaling_decision"]  # logged once each
+    logged = decision_log[0]
+    assert logged["fleet"]["in_service"] == 2 and logged["latest_metric"]["inflight"] == 48.0
+
+
+def test_policy_state_survives_between_invocations(aws, client):
+    asg = aws["asg"]
+    in_service(asg, 2)
+    publish(range(2, 6), per_instance_inflight=8.0, instances=2)
+    client.lambda_.invoke("scale_inference_fleet", scheduled_event(client))
+    ddb = boto3.client("dynamodb", region_name=REGION)
+    item = ddb.get_item(TableName=TABLE, Key={"pk": {"S": f"policy#{GROUP}"}})["Item"]
+    state = json.loads(item["state"]["S"])
+    assert item["version"]["N"] == "1" and state["recent"] and state["seasonal"]
+    client.lambda_.invoke("scale_inference_fleet", scheduled_event(client))
+    item = ddb.get_item(TableName=TABLE, Key={"pk": {"S": f"policy#{GROUP}"}})["Item"]
+    assert item["version"]["N"] == "2" and len(json.loads(item["state"]["S"])["recent"]) == 2
+
+
+def test_low_load_scales_in_slowly_not_at_once(aws):
+    asg = aws["asg"]
+    in_service(asg, 10)
+    s = ScalingSettings.from_env({"INFERENCE_ASG_NAME": GROUP, "SCALING_STATE_TABLE": TABLE})
+    ad = ScalingAdapters.from_settings(s)
+    now = time.time()
+    publish(range(2, 30), per_instance_inflight=0.8, instances=10)  # needs 1 instance
+    first = handle_scale(s, ad, now)
+    assert first["desired"] == 9  # at most 10 % of the fleet per decision
+    sizes = [handle_scale(s, ad, now + 60 * k)["desired"] for k in range(1, 4)]
+    assert sizes == sorted(sizes, reverse=True) and sizes[-1] >= 6
+
+
+def test_dry_run_decides_and_logs_but_does_not_touch_the_group(aws):
+    asg = aws["asg"]
+    in_service(asg, 2)
+    publish(range(2, 8), per_instance_inflight=24.0, instances=2)
+    s = ScalingSettings.from_env(
+        {"INFERENCE_ASG_NAME": GROUP, "SCALING_STATE_TABLE": TABLE, "DRY_RUN": "true"}
+    )
+    out = handle_scale(s, ScalingAdapters.from_settings(s), time.time())
+    assert out["desired"] == 6 and "would have" in out["dry_run"]
+    assert group(asg)["DesiredCapacity"] == 2
+
+
+@pytest.mark.parametrize(
+    ("local_time", "expected_min"),
+    [("2026-11-23T09:00:00-05:00", 4), ("2026-11-23T23:00:00-05:00", 1), ("2026-11-28T09:00:00-05:00", 2)],
+)
+def test_capacity_floor_follows_business_hours_in_the_stage_time_zone(aws, local_time, expected_min):
+    asg = aws["asg"]
+    in_service(asg, 1)
+    s = ScalingSettings.from_env(
+        {
+            "INFERENCE_ASG_NAME": GROUP,
+            "SCALING_STATE_TABLE": TABLE,
+            "SCALING_FLOOR_SCHEDULE": "mon-fri 08:00-19:00=4; sat-sun 08:00-19:00=2",
+            "SCALING_TIME_ZONE": "America/New_York",
+        }
+    )
+    now = datetime.fromisoformat(local_time).timestamp()
+    out = handle_capacity_floor(s, ScalingAdapters.from_settings(s), now)
+    g = group(asg)
+    assert g["MinSize"] == expected_min and g["DesiredCapacity"] >= expected_min
+    assert out["min_size"] == expected_min
+
+
+def test_floor_schedule_runs_from_the_cron_rule(aws, client, monkeypatch):
+    monkeypatch.setenv("SCALING_FLOOR_SCHEDULE", "mon-sun 00:00-24:00=3")
+    out = client.lambda_.invoke("apply_capacity_floor", scheduled_event(client)).payload
+    assert out["action"] == "updated" and group(aws["asg"])["MinSize"] == 3
+    assert group(aws["asg"])["DesiredCapacity"] == 3
