@@ -10,7 +10,8 @@
    event handlers behind the dispatcher (EventBridge rule → SQS → handler, as Lambda would);
 4. the local clock that fires scheduled rules (``speed`` × real time);
 5. EC2 instances as local processes (``localstack/instances.py``), Auto Scaling lifecycle
-   behaviour moto lacks (``localstack/asg_lifecycle.py``, when present) and the load balancer
+   behaviour moto lacks (``localstack/asg_lifecycle.py``), ASG health replacement of a crashed
+   instance, and the load balancer
    (``localstack/lb.py``) that routes to the target group's registered, healthy instances.
 
 ``down()`` stops all of it; no process is left behind. ``python -m localstack.stack`` runs a
@@ -33,6 +34,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from localstack.asg_lifecycle import AsgLifecycle
 from localstack.clock import Clock, Scheduler
 from localstack.deploy import Deployment, chalice_package, deploy
 from localstack.dispatcher import Dispatcher, Route, function_env, is_scheduled_event, load_handler
@@ -193,26 +195,48 @@ class LocalStack:
         return env
 
     def _on_impaired(self, inst: LocalInstance) -> None:
-        """A crashed box fails its EC2 status check: Auto Scaling marks it unhealthy."""
-        if inst.role != "inference":
+        """A crashed box fails its EC2 status checks; its Auto Scaling group marks it unhealthy
+        and replaces it: terminate (through the terminate hook), launch another to keep the
+        desired capacity. moto 5.2.5 runs no health checks, so the stack does what the group
+        would, with the group's own API calls."""
+        asg = self.client("autoscaling")
+        found = asg.describe_auto_scaling_instances(InstanceIds=[inst.instance_id])["AutoScalingInstances"]
+        if not found:
             return
         try:
-            self.client("autoscaling").set_instance_health(
+            asg.set_instance_health(
                 InstanceId=inst.instance_id, HealthStatus="Unhealthy", ShouldRespectGracePeriod=False
             )
+            asg.terminate_instance_in_auto_scaling_group(
+                InstanceId=inst.instance_id, ShouldDecrementDesiredCapacity=False
+            )
+            log.info("instance %s failed its status checks: the group replaces it", inst.instance_id)
         except Exception:
-            log.exception("cannot mark %s unhealthy", inst.instance_id)
+            log.exception("cannot replace impaired instance %s", inst.instance_id)
 
     def targets(self) -> dict[str, str]:
         """Registered targets of the target groups the stack's Auto Scaling groups attach, as the
-        local URLs of those instances (an ALB's listener forwards to them)."""
+        local URLs of those instances (an ALB's listener forwards to them).
+
+        moto 5.2.5 registers every instance of a group in its target groups at once, including
+        those in ``Pending:Wait`` or ``Terminating:Wait``, and never deregisters one. Auto Scaling
+        registers an instance when it goes ``InService`` (its launch hook completed) and
+        deregisters it when it starts terminating: the registered set is therefore the target
+        group's targets that are ``InService`` in their group."""
+        in_service = {
+            i["InstanceId"]
+            for g in self.client("autoscaling").describe_auto_scaling_groups()["AutoScalingGroups"]
+            for i in g["Instances"]
+            if i["LifecycleState"] == "InService"
+        }
         out = {}
         elbv2 = self.client("elbv2")
         for tg in self._target_groups:
             for d in elbv2.describe_target_health(TargetGroupArn=tg)["TargetHealthDescriptions"]:
-                inst = self.instances.instances.get(d["Target"]["Id"])
-                if inst is not None and inst.url and d.get("TargetHealth", {}).get("State") != "draining":
-                    out[inst.instance_id] = inst.url
+                iid = d["Target"]["Id"]
+                inst = self.instances.instances.get(iid)
+                if iid in in_service and inst is not None and inst.url:
+                    out[iid] = inst.url
         return out
 
     # -- up / down
@@ -221,6 +245,8 @@ class LocalStack:
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
         t0 = time.monotonic()
         self.moto = MotoServer().start()
+        # Auto Scaling lifecycle hooks (waits, events, Complete/Heartbeat, timeouts) for moto
+        self.lifecycle = AsgLifecycle().install().start_ticker()
         template_path = self._package()
         self._template = load_template(template_path)
         log.info("template ready after %.1fs", time.monotonic() - t0)
@@ -249,7 +275,6 @@ class LocalStack:
             on_impaired=self._on_impaired,
         ).start()
         log.info("handlers and instances ready after %.1fs", time.monotonic() - t0)
-        self.lifecycle = self._start_lifecycle()
         self._target_groups = [
             arn
             for g in self.client("autoscaling").describe_auto_scaling_groups()["AutoScalingGroups"]
@@ -284,16 +309,6 @@ class LocalStack:
         return chalice_package(
             cfg.project_dir, out, stage=cfg.stage, merge_template=cfg.project_dir / cfg.infra_template
         )
-
-    def _start_lifecycle(self):
-        """Auto Scaling behaviour moto lacks (lifecycle waits, CompleteLifecycleAction, events):
-        ``localstack/asg_lifecycle.py``, owned by the autoscaling part."""
-        try:
-            from localstack import asg_lifecycle  # noqa: F401
-        except ImportError:
-            log.warning("localstack/asg_lifecycle.py is missing: lifecycle hooks are not enforced")
-            return None
-        return None
 
     def down(self) -> None:
         t0 = time.monotonic()

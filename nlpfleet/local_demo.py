@@ -58,7 +58,7 @@ class DemoConfig:
     batch_size: int = 32
     job_timeout_s: float = 360.0
     # the fleet and the replay
-    speed: float = 60.0  # local clock: one virtual minute per real second
+    speed: float = 6.0  # local clock: the per-minute autoscaler decides every 10 s
     max_size: int = 4
     trace_start: str = "1995-07-12T03:00:00-04:00"
     trace_minutes: int = 24 * 60
@@ -177,13 +177,15 @@ def upload_dataset(cfg: DemoConfig, s: Session) -> str:
     n_train = stratified_csv(src / "train.csv", work / "train.csv", cfg.per_class_train)
     n_dev = stratified_csv(src / "dev.csv", work / "dev.csv", cfg.per_class_dev)
     prefix = "datasets/banking77"
-    s.s3.upload_file(str(work / "dev.csv"), s.bucket, f"{prefix}/dev.csv")
+    # every object under datasets/ becomes a job: the dev split goes beside it, under eval/
+    dev_key = "eval/banking77/dev.csv"
+    s.s3.upload_file(str(work / "dev.csv"), s.bucket, dev_key)
     spec = {
         "type": "finetune",
         "model_name": "banking77",
         "text_field": "text",
         "label_field": "category",
-        "eval_uri": f"s3://{s.bucket}/{prefix}/dev.csv",
+        "eval_uri": f"s3://{s.bucket}/{dev_key}",
         "epochs": cfg.epochs,
         "learning_rate": cfg.learning_rate,
         "batch_size": cfg.batch_size,
@@ -193,7 +195,8 @@ def upload_dataset(cfg: DemoConfig, s: Session) -> str:
     s.s3.upload_file(str(work / "train.csv"), s.bucket, f"{prefix}/train.csv")
     say(
         cfg,
-        f"uploaded s3://{s.bucket}/{prefix}/ (train {n_train} rows, dev {n_dev} rows, spec {json.dumps(spec)})",
+        f"uploaded s3://{s.bucket}/{prefix}/train.csv ({n_train} rows) with its job spec; "
+        f"dev split ({n_dev} rows) at s3://{s.bucket}/{dev_key}",
     )
     return f"{prefix}/train.csv"
 
@@ -208,8 +211,9 @@ def run_job(cfg: DemoConfig, s: Session, key: str) -> dict:
     plan = job.get("plan") or {}
     say(
         cfg,
-        f"job {job['job_id']} created from the upload; planner chose {plan.get('instance_type')}"
-        f" ({plan.get('reason') or plan.get('why') or json.dumps(plan)[:200]})",
+        f"job {job['job_id']} created from the upload; the planner chose {plan.get('instance_type')} "
+        f"({plan.get('strategy')}, ~{60 * (plan.get('estimated_hours') or 0):.0f} min, "
+        f"~${plan.get('estimated_cost_usd') or 0:.3f}; candidates {', '.join(plan.get('candidates') or [])})",
     )
     last_state, last_pct = None, -1
     deadline = time.monotonic() + cfg.job_timeout_s
