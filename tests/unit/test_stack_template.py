@@ -223,8 +223,16 @@ def test_target_group_checks_readyz_and_drains_for_the_drain_time(resources, tem
     assert tg["Port"] == 8080
     attrs = {a["Key"]: a["Value"] for a in tg["TargetGroupAttributes"]}
     assert attrs["deregistration_delay.timeout_seconds"] == {"Ref": "DrainSeconds"}
-    assert template["Parameters"]["DrainSeconds"]["Default"] <= template["Parameters"][
-        "TerminateHookTimeoutSeconds"]["Default"]  # fmt: skip
+    # The load balancer keeps a deregistered instance's connections at least as long as the
+    # server's own drain lets requests in flight finish; systemd waits for that drain before
+    # it would SIGKILL the server.
+    from inference.serve_settings import Settings as ServeSettings
+
+    serve = ServeSettings(model="/m")
+    assert template["Parameters"]["DrainSeconds"]["Default"] >= serve.drain_grace_s + serve.drain_timeout_s
+    unit = (REPO / "ami/files/systemd/nlpfleet-inference.service").read_text()
+    stop_s = int(re.search(r"^TimeoutStopSec=(\d+)$", unit, re.M)[1])
+    assert stop_s > serve.drain_grace_s + serve.drain_timeout_s
 
 
 def test_instances_accept_traffic_only_from_the_load_balancer(resources):
