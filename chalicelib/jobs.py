@@ -103,7 +103,7 @@ _COMMON = {
     "label_field",
 }
 _PER_TYPE = {
-    "finetune": {"model_name", "epochs", "batch_size", "precision", "learning_rate", "eval_uri"},
+    "finetune": {"model_name", "epochs", "batch_size", "precision", "learning_rate", "eval_uri", "max_steps"},
     "preprocess": {"shard_examples", "in_memory"},
     "batch_infer": {"model_name", "model_version", "model_uri", "batch_size", "precision"},
 }
@@ -234,6 +234,7 @@ def parse_job_spec(body: object, defaults: dict | None = None, *, require_input:
         c.str("precision", "fp16", None, "fp32, fp16 or bf16", choices={"fp32", "fp16", "bf16"})
         c.float("learning_rate", 5e-5, 1e-8, 1.0)
         c.s3("eval_uri")
+        c.int("max_steps", None, 1, 10**9)
     elif jtype == "preprocess":
         c.int("shard_examples", 10_000, 10, 10_000_000)
         c.bool("in_memory", False)

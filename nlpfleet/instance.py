@@ -137,7 +137,7 @@ def run_finetune(data: dict, report: Reporter, s3) -> tuple[str, dict]:
             "resume": True,
             "progress_bar": False,
             **({"model_dir": spec["model_dir"]} if spec.get("model_dir") else {}),
-            **{k: v for k, v in (spec.get("train_overrides") or {}).items()},
+            **({"max_steps": spec["max_steps"]} if spec.get("max_steps") else {}),
         }
     )
     _, prefix = parse_s3_uri(spec["output_uri"])

@@ -8,6 +8,7 @@ import csv
 import json
 
 import boto3
+import pytest
 from test_api import BUCKET, REGION, aws, client, post  # noqa: F401
 
 from nlpfleet import instance
@@ -23,8 +24,17 @@ def test_preprocess_job_runs_end_to_end_from_its_user_data(aws, client, data_dir
     rows[5]["text"] = "   "  # an invalid row: dropped and counted
     buf = ["text,category"] + [f'"{r["text"].replace(chr(34), "")}",{r["category"]}' for r in rows]
     aws["s3"].put_object(Bucket=BUCKET, Key="datasets/b77.csv", Body="\n".join(buf).encode())
-    job = post(client, "/jobs", {"type": "preprocess", "input_uri": f"s3://{BUCKET}/datasets/b77.csv",
-                                 "label_field": "category", "shard_examples": 250, "seq_len": 32}).json_body
+    job = post(
+        client,
+        "/jobs",
+        {
+            "type": "preprocess",
+            "input_uri": f"s3://{BUCKET}/datasets/b77.csv",
+            "label_field": "category",
+            "shard_examples": 250,
+            "seq_len": 32,
+        },
+    ).json_body
     ud_file = tmp_path / "user-data.json"
     ud_file.write_text(json.dumps(_user_data(aws, job["instance"]["instance_id"])))
 
@@ -38,11 +48,22 @@ def test_preprocess_job_runs_end_to_end_from_its_user_data(aws, client, data_dir
     assert res["examples"] == 599 and res["shards"] == 3 and res["rejected"] == {"empty or missing text": 1}
     out = res["output_uri"]
     assert out == f"s3://{BUCKET}/preprocessed/{job['job_id']}/"
-    keys = [o["Key"] for o in aws["s3"].list_objects_v2(Bucket=BUCKET, Prefix=out.split(BUCKET + "/")[1])["Contents"]]
-    assert sorted(k.rsplit("/", 1)[1] for k in keys) == ["_index.json", "part-00000.jsonl", "part-00001.jsonl",
-                                                         "part-00002.jsonl"]
-    first = json.loads(aws["s3"].get_object(Bucket=BUCKET, Key=keys[1] if "part" in keys[1] else keys[0])["Body"]
-                       .read().splitlines()[0])
+    keys = [
+        o["Key"]
+        for o in aws["s3"].list_objects_v2(Bucket=BUCKET, Prefix=out.split(BUCKET + "/")[1])["Contents"]
+    ]
+    assert sorted(k.rsplit("/", 1)[1] for k in keys) == [
+        "_index.json",
+        "part-00000.jsonl",
+        "part-00001.jsonl",
+        "part-00002.jsonl",
+    ]
+    first = json.loads(
+        aws["s3"]
+        .get_object(Bucket=BUCKET, Key=keys[1] if "part" in keys[1] else keys[0])["Body"]
+        .read()
+        .splitlines()[0]
+    )
     assert set(first) == {"text", "label", "input_ids"} and first["input_ids"][0] == 101  # [CLS]
     assert len(first["input_ids"]) <= 32
 
@@ -55,8 +76,12 @@ def test_preprocess_job_runs_end_to_end_from_its_user_data(aws, client, data_dir
 
 
 def test_a_cancelled_job_stops_its_worker_and_records_nothing_more(aws, client, tmp_path):  # noqa: F811
-    aws["s3"].put_object(Bucket=BUCKET, Key="datasets/small.csv", Body=b"text,label\nhello there,greet\n" * 30)
-    job = post(client, "/jobs", {"type": "preprocess", "input_uri": f"s3://{BUCKET}/datasets/small.csv"}).json_body
+    aws["s3"].put_object(
+        Bucket=BUCKET, Key="datasets/small.csv", Body=b"text,label\nhello there,greet\n" * 30
+    )
+    job = post(
+        client, "/jobs", {"type": "preprocess", "input_uri": f"s3://{BUCKET}/datasets/small.csv"}
+    ).json_body
     client.http.delete(f"/jobs/{job['job_id']}")
     ud_file = tmp_path / "ud.json"
     ud_file.write_text(json.dumps(_user_data(aws, job["instance"]["instance_id"])))
@@ -70,3 +95,84 @@ def test_bad_user_data_is_refused(tmp_path):
     assert instance.main(["--user-data", str(f)]) == instance.EXIT_BAD_INPUT
     f.write_text("not json")
     assert instance.main(["--user-data", str(f)]) == instance.EXIT_BAD_INPUT
+
+
+def test_batch_infer_classifies_every_text_and_writes_next_to_the_input(
+    aws, client, trained_artifact, tmp_path
+):  # noqa: F811
+    from inference.artifact import publish_artifact
+
+    s3 = aws["s3"]
+    doc = json.loads((trained_artifact / "manifest.json").read_text())
+    model_uri = f"s3://{BUCKET}/models/{doc['name']}/{doc['version']}/"
+    publish_artifact(trained_artifact, model_uri, s3)
+    texts = [
+        "I still have not received my new card",
+        "How do I top up by bank transfer?",
+        "",
+        "my pin is blocked",
+    ]
+    body = "text\n" + "\n".join(f'"{t}"' for t in texts)
+    s3.put_object(Bucket=BUCKET, Key="datasets/tickets.csv", Body=body.encode())
+    job = post(
+        client,
+        "/jobs",
+        {"type": "batch_infer", "input_uri": f"s3://{BUCKET}/datasets/tickets.csv", "model_uri": model_uri},
+    ).json_body
+    assert job["spec"]["model_name"] == doc["name"], job
+    ud = tmp_path / "ud.json"
+    ud.write_text(json.dumps(_user_data(aws, job["instance"]["instance_id"])))
+
+    assert instance.main(["--user-data", str(ud)]) == 0
+
+    done = client.http.get(f"/jobs/{job['job_id']}").json_body
+    assert done["state"] == "SUCCEEDED" and done["result"]["classified"] == 3
+    out = s3.get_object(Bucket=BUCKET, Key="datasets/tickets.csv.predictions.jsonl")["Body"].read().decode()
+    preds = [json.loads(line) for line in out.splitlines()]
+    labels = json.loads((trained_artifact / "labels.json").read_text())
+    assert [p["text"] for p in preds] == [t for t in texts if t]
+    assert all(p["label"] in labels and 0 < p["score"] <= 1 for p in preds)
+
+
+@pytest.mark.slow
+def test_finetune_runs_the_training_worker_and_publishes_a_model(aws, client, data_dir, tmp_path):  # noqa: F811
+    rows = [
+        r
+        for r in csv.DictReader((data_dir / "banking77" / "train.csv").open())
+        if r["category"] in ("card_arrival", "top_up_failed", "lost_or_stolen_card")
+    ][:300]
+    buf = ["text,category"] + [f'"{r["text"].replace(chr(34), "")}",{r["category"]}' for r in rows]
+    aws["s3"].put_object(Bucket=BUCKET, Key="datasets/tiny/train.csv", Body="\n".join(buf).encode())
+    job = post(
+        client,
+        "/jobs",
+        {
+            "type": "finetune",
+            "input_uri": f"s3://{BUCKET}/datasets/tiny/train.csv",
+            "model_name": "tiny",
+            "label_field": "category",
+            "epochs": 1,
+            "seq_len": 32,
+            "batch_size": 16,
+            "max_steps": 6,
+            "precision": "fp32",
+        },
+    ).json_body
+    ud = tmp_path / "ud.json"
+    ud.write_text(json.dumps(_user_data(aws, job["instance"]["instance_id"])))
+
+    assert instance.main(["--user-data", str(ud)]) == 0
+
+    done = client.http.get(f"/jobs/{job['job_id']}").json_body
+    assert done["state"] == "SUCCEEDED", done["error"]
+    res = done["result"]
+    assert res["model_uri"] == job["spec"]["output_uri"] and res["published_variants"]
+    key = res["model_uri"].split(BUCKET + "/")[1] + "manifest.json"
+    manifest = json.loads(aws["s3"].get_object(Bucket=BUCKET, Key=key)["Body"].read())
+    assert manifest["name"] == "tiny" and len(manifest["labels"]) == 3
+    ckpts = (
+        aws["s3"]
+        .list_objects_v2(Bucket=BUCKET, Prefix=f"jobs/{job['job_id']}/checkpoints/")
+        .get("KeyCount", 0)
+    )
+    assert ckpts > 0  # checkpoints mirrored where a relaunch resumes from
