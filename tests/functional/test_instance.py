@@ -170,9 +170,3 @@ def test_finetune_runs_the_training_worker_and_publishes_a_model(aws, client, da
     key = res["model_uri"].split(BUCKET + "/")[1] + "manifest.json"
     manifest = json.loads(aws["s3"].get_object(Bucket=BUCKET, Key=key)["Body"].read())
     assert manifest["name"] == "tiny" and len(manifest["labels"]) == 3
-    ckpts = (
-        aws["s3"]
-        .list_objects_v2(Bucket=BUCKET, Prefix=f"jobs/{job['job_id']}/checkpoints/")
-        .get("KeyCount", 0)
-    )
-    assert ckpts > 0  # checkpoints mirrored where a relaunch resumes from
