@@ -71,6 +71,7 @@ class LocalInstance:
     crashed: bool = False
     kill_at: float | None = None
     tags: dict = field(default_factory=dict)
+    info: dict = field(default_factory=dict)  # what IMDS tells the instance about itself
 
     @property
     def url(self) -> str | None:
@@ -122,6 +123,7 @@ class InstanceManager:
         grace_s: float = 10.0,
         emit_events: bool = True,
         on_impaired: Callable[[LocalInstance], None] | None = None,
+        instance_env: Callable[[str], dict[str, str]] | None = None,
     ):
         self._make_client = make_client
         self.state_dir = Path(state_dir)
@@ -133,6 +135,7 @@ class InstanceManager:
         self.grace_s = grace_s
         self.emit_events = emit_events
         self.on_impaired = on_impaired
+        self.instance_env = instance_env
         self.instances: dict[str, LocalInstance] = {}
         self._seen_state: dict[str, str] = {}
         self._lock = threading.RLock()
@@ -191,7 +194,18 @@ class InstanceManager:
         env = dict(self.base_env)
         env.update({"NLPFLEET_INSTANCE_ID": iid, "NLPFLEET_INSTANCE_DIR": str(directory)})
         env["NLPFLEET_INSTANCE_TYPE"] = desc.get("InstanceType", "")
+        if self.instance_env:
+            env.update(self.instance_env(iid))
         tags = {t["Key"]: t["Value"] for t in desc.get("Tags", [])}
+        info = {
+            "instance_type": desc.get("InstanceType"),
+            "ami_id": desc.get("ImageId"),
+            "az": (desc.get("Placement") or {}).get("AvailabilityZone"),
+            "region": self.region,
+            "user_data": json.dumps(user_data),
+        }
+        inst = LocalInstance(iid, role, user_data, directory, port, tags=tags, info=info)
+        self.instances[iid] = inst  # before it boots: it asks IMDS who it is at once
         try:
             with open(directory / "console.log", "ab") as log_file:
                 proc = subprocess.Popen(
@@ -206,11 +220,9 @@ class InstanceManager:
         except OSError as exc:  # the image lacks its entry point: the box boots to nothing
             log.error("instance %s: cannot start its entry point: %s", iid, exc)
             (directory / "console.log").write_text(f"boot failed: {exc}\n")
-            self.instances[iid] = LocalInstance(
-                iid, role, user_data, directory, port, crashed=True, tags=tags
-            )
+            inst.crashed = True
             return
-        self.instances[iid] = LocalInstance(iid, role, user_data, directory, port, proc, tags=tags)
+        inst.proc = proc
         log.info(
             "instance %s (%s) booted as pid %d%s", iid, role, proc.pid, f" on port {port}" if port else ""
         )

@@ -38,6 +38,7 @@ from localstack.asg_lifecycle import AsgLifecycle
 from localstack.clock import Clock, Scheduler
 from localstack.deploy import Deployment, chalice_package, deploy
 from localstack.dispatcher import Dispatcher, Route, function_env, is_scheduled_event, load_handler
+from localstack.imds import Imds
 from localstack.instances import InstanceManager, LocalInstance
 from localstack.lb import LoadBalancer
 from localstack.moto import ACCOUNT_ID, LOOPBACK, REGION, MotoServer
@@ -88,6 +89,7 @@ class LocalStack:
         self.instances: InstanceManager | None = None
         self.lb: LoadBalancer | None = None
         self.lifecycle = None
+        self.imds: Imds | None = None
         self.api_url: str | None = None
         self.admin_url: str | None = None
         self._admin = None
@@ -194,6 +196,10 @@ class LocalStack:
         env.update(self.config.instance_env)
         return env
 
+    def _imds_info(self, instance_id: str) -> dict | None:
+        inst = self.instances.instances.get(instance_id) if self.instances else None
+        return inst.info if inst is not None else None
+
     def _on_impaired(self, inst: LocalInstance) -> None:
         """A crashed box fails its EC2 status checks; its Auto Scaling group marks it unhealthy
         and replaces it: terminate (through the terminate hook), launch another to keep the
@@ -264,6 +270,7 @@ class LocalStack:
         self._start_api(load_handler("app.app", cfg.project_dir))
         self.clock = Clock(speed=cfg.speed)
         self.scheduler = Scheduler(self.clock, self.client).start()
+        self.imds = Imds(self._imds_info, self.lifecycle.target_lifecycle_state).start()
         self.instances = InstanceManager(
             self.client,
             cfg.state_dir,
@@ -273,6 +280,7 @@ class LocalStack:
             account=ACCOUNT_ID,
             grace_s=cfg.grace_s,
             on_impaired=self._on_impaired,
+            instance_env=lambda iid: {"NLPFLEET_IMDS_URL": self.imds.base_url(iid)},
         ).start()
         log.info("handlers and instances ready after %.1fs", time.monotonic() - t0)
         self._target_groups = [
@@ -317,6 +325,7 @@ class LocalStack:
             ("lifecycle", lambda: self.lifecycle and self.lifecycle.stop()),
             ("scheduler", lambda: self.scheduler and self.scheduler.stop()),
             ("instances", lambda: self.instances and self.instances.stop()),
+            ("imds", lambda: self.imds and self.imds.stop()),
             ("dispatcher", lambda: self.dispatcher and self.dispatcher.stop()),
             ("api", self._stop_api),
             ("admin", lambda: self._admin and (self._admin.shutdown(), self._admin.server_close())),
