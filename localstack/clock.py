@@ -187,7 +187,7 @@ class Scheduler:
         clock: Clock,
         make_client: Callable[[str], object],
         *,
-        refresh_s: float = 2.0,
+        refresh_s: float = 10.0,
         tick_s: float = 0.05,
         on_fire: Callable[[str, datetime], None] | None = None,
     ):

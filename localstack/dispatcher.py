@@ -133,7 +133,7 @@ class Dispatcher:
         routes: list[Route],
         make_client: Callable[[str], object],
         *,
-        wait_s: int = 1,
+        wait_s: int = 3,
         retry_backoff_s: int = 1,
         max_attempts: int = 3,
     ):

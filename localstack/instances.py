@@ -119,7 +119,7 @@ class InstanceManager:
         command: Callable[[Path], list[str]] = default_command,
         region: str = "us-east-1",
         account: str = "123456789012",
-        poll_s: float = 0.5,
+        poll_s: float = 1.0,
         grace_s: float = 10.0,
         emit_events: bool = True,
         on_impaired: Callable[[LocalInstance], None] | None = None,

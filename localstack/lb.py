@@ -82,7 +82,7 @@ class LoadBalancer:
         health_interval_s: float = 0.5,
         healthy_threshold: int = 2,
         unhealthy_threshold: int = 2,
-        refresh_s: float = 0.5,
+        refresh_s: float = 1.0,
         timeout_s: float = 30.0,
         max_retries: int = 2,
     ):

@@ -65,6 +65,7 @@ class StackConfig:
     env_overrides: dict[str, str] = field(default_factory=dict)  # handler environment overrides
     instance_env: dict[str, str] = field(default_factory=dict)  # extra environment for instances
     grace_s: float = 15.0  # SIGTERM → SIGKILL for a stopping instance
+    status_check_delay_s: float = 10.0  # crash → the group notices the failed status check
 
     @classmethod
     def from_dict(cls, d: dict) -> StackConfig:
@@ -204,7 +205,16 @@ class LocalStack:
         """A crashed box fails its EC2 status checks; its Auto Scaling group marks it unhealthy
         and replaces it: terminate (through the terminate hook), launch another to keep the
         desired capacity. moto 5.2.5 runs no health checks, so the stack does what the group
-        would, with the group's own API calls."""
+        would, with the group's own API calls, ``status_check_delay_s`` after the crash (EC2
+        checks status every minute; locally the delay is compressed, but not zero: a box that
+        crashes at boot is not replaced in a tight loop)."""
+        timer = threading.Timer(self.config.status_check_delay_s, self._replace_impaired, args=(inst,))
+        timer.daemon = True
+        timer.start()
+
+    def _replace_impaired(self, inst: LocalInstance) -> None:
+        if self.moto is None or self.moto.endpoint_url is None:
+            return
         asg = self.client("autoscaling")
         found = asg.describe_auto_scaling_instances(InstanceIds=[inst.instance_id])["AutoScalingInstances"]
         if not found:
