@@ -8,8 +8,13 @@ the user data, writes ``/run/nlpfleet/nlpfleet.env`` (read by the systemd units)
 ``/run/nlpfleet/user-data.json``, renders the CloudWatch agent configuration for the stage, then
 starts the units of the role:
 
-    inference -> nlpfleet-inference.service (server) + nlpfleet-agent.service (lifecycle, metrics)
+    inference -> nlpfleet-agent.service: the instance agent (inference.agent) fetches the active
+                 model, runs the inference server as its child, completes the lifecycle hooks,
+                 publishes metrics, hot-swaps and drains
     job       -> nlpfleet-job.service (runs the job, powers the instance off when done)
+
+nlpfleet-inference.service runs the server alone on the model resolved here, for serving without
+the agent (a box outside the Auto Scaling group, debugging): `systemctl start nlpfleet-inference`.
 
 Example (what a test or an operator on the box runs):
 
@@ -29,7 +34,7 @@ from pathlib import Path
 
 IMDS = "http://169.254.169.254"
 ROLE_UNITS = {
-    "inference": ("nlpfleet-inference.service", "nlpfleet-agent.service"),
+    "inference": ("nlpfleet-agent.service",),
     "job": ("nlpfleet-job.service",),
 }
 REQUIRED = {
@@ -142,8 +147,9 @@ def render_env(doc: dict, model: dict | None) -> dict[str, str]:
     if doc["role"] == "inference":
         env["NLPFLEET_PORT"] = str(int(doc.get("port") or 8080))
         env["NLPFLEET_ACTIVE_MODEL_PARAM"] = doc["active_model_param"]
-        env["NLPFLEET_MODEL_URI"] = model["uri"]
-        env["NLPFLEET_MODEL_VERSION"] = f"{model.get('name', '')}/{model.get('version', '')}"
+        if model is not None:
+            env["NLPFLEET_MODEL_URI"] = model["uri"]
+            env["NLPFLEET_MODEL_VERSION"] = f"{model.get('name', '')}/{model.get('version', '')}"
     else:
         env["NLPFLEET_JOB_ID"] = doc["job_id"]
         env["NLPFLEET_JOB_TYPE"] = doc["job_type"]
@@ -200,10 +206,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         raw = args.user_data.read_bytes() if args.user_data else fetch_user_data()
         doc = parse_user_data(raw)
-        model = resolve_active_model(doc) if doc["role"] == "inference" else None
+        model = None
+        if doc["role"] == "inference":
+            try:
+                model = resolve_active_model(doc)
+            except BootError as exc:
+                # the agent reads the parameter itself and abandons the launch if it is missing
+                print(f"nlpfleet-boot: warning: {exc}", file=sys.stderr, flush=True)
         env = render_env(doc, model)
         env_file = write_runtime(args.root, doc, env)
-        print(f"nlpfleet-boot: role={doc['role']} stage={doc['stage']} env={env_file}", flush=True)
+        units = " ".join(ROLE_UNITS[doc["role"]])
+        print(
+            f"nlpfleet-boot: role={doc['role']} stage={doc['stage']} env={env_file} units={units}", flush=True
+        )
         if not args.no_start:
             start(doc["role"], args.root)
     except BootError as exc:

@@ -173,6 +173,10 @@ def test_installed_venv_runs_the_wheel_not_the_checkout(root, tmp_path):
     assert r.stdout.strip().startswith(str(root / "opt/nlpfleet/venv/lib"))
     scripts = {p.name for p in (root / "opt/nlpfleet/venv/bin").iterdir()}
     assert {"nlpfleet-instance", "nlpfleet-train"} <= scripts
+    # the agent unit's module (the fleet's server supervisor) is installed and runs
+    agent = subprocess.run([str(python), "-m", "inference.agent", "--help"], cwd=tmp_path, capture_output=True,
+                           text=True, timeout=60)  # fmt: skip
+    assert agent.returncode == 0 and "--user-data" in agent.stdout, agent.stderr
     boot = (root / "opt/nlpfleet/bin/nlpfleet-boot").read_text().splitlines()[0]
     assert boot == "#!/opt/nlpfleet/venv/bin/python"
 
@@ -253,13 +257,15 @@ def test_boot_picks_the_inference_role_and_the_installed_unit_serves_the_active_
     )
     assert r.returncode == 0, r.stdout + r.stderr
     assert "role=inference" in r.stdout
+    assert "units=nlpfleet-agent.service" in r.stdout  # the agent runs the server in the fleet
     cwa = json.loads((root / "run/nlpfleet/cloudwatch-agent.json").read_text())
     assert (
         cwa["logs"]["logs_collected"]["files"]["collect_list"][0]["log_group_name"]
         == "/nlpfleet/dev/instances"
     )
 
-    # The inference unit's command line, with its environment files, as systemd would run it.
+    # The standalone server unit's command line (the same server command the agent runs as its
+    # child), with its environment files, as systemd would run it.
     u = unit(root, "nlpfleet-inference.service")
     env = dict(base_env)
     for f in u["EnvironmentFile"]:

@@ -166,11 +166,9 @@ def test_inference_user_data_is_the_launch_contract_and_the_image_accepts_it(res
     boot = _load_module("nlpfleet_boot", REPO / "ami" / "files" / "nlpfleet-boot.py")
     user_data = resources["InferenceLaunchTemplate"]["Properties"]["LaunchTemplateData"]["UserData"]
     sub = user_data["Fn::Base64"]["Fn::Sub"]
-    text = _resolve_sub(
-        sub,
-        {"DataBucket": "nlpfleet-dev-databucket-1", "JobsTable": "nlpfleet-dev-jobs", "AWS::Region": "eu-west-1",
-         "Stage": "dev"},
-    )  # fmt: skip
+    values = {"DataBucket": "nlpfleet-dev-databucket-1", "JobsTable": "nlpfleet-dev-jobs", "AWS::Region": "eu-west-1",
+              "Stage": "dev", "WarmupTimeoutSeconds": "900", "DrainSeconds": "60"}  # fmt: skip
+    text = _resolve_sub(sub, values)
     doc = boot.parse_user_data(base64.b64decode(base64.b64encode(text.encode())))
     assert doc["role"] == "inference"
     assert doc["active_model_param"] == "/nlpfleet/dev/active-model"
@@ -178,6 +176,13 @@ def test_inference_user_data_is_the_launch_contract_and_the_image_accepts_it(res
     assert env["NLPFLEET_PORT"] == "8080"
     assert env["NLPFLEET_MODEL_URI"] == "s3://b/models/m/1/"
     assert "AWS_ENDPOINT_URL" not in env  # only the local stack points boto3 elsewhere
+    # the agent accepts it, with its limits following the stack's hook and drain timings
+    from inference.agent import AgentSettings
+
+    agent = AgentSettings.from_user_data(doc)
+    assert (agent.warmup_timeout_s, agent.drain_timeout_s) == (900, 60)
+    assert (agent.launch_hook, agent.terminate_hook) == ("nlpfleet-warmup", "nlpfleet-drain")
+    assert agent.model_dir == "/var/lib/nlpfleet/models"  # the image's state directory
 
 
 def test_image_refuses_user_data_that_carries_credentials():
@@ -233,6 +238,18 @@ def test_target_group_checks_readyz_and_drains_for_the_drain_time(resources, tem
     unit = (REPO / "ami/files/systemd/nlpfleet-inference.service").read_text()
     stop_s = int(re.search(r"^TimeoutStopSec=(\d+)$", unit, re.M)[1])
     assert stop_s > serve.drain_grace_s + serve.drain_timeout_s
+    # In the fleet the agent drains the server for DrainSeconds (user data), plus its grace and
+    # a 30 s kill margin: the terminate hook must outlast that, and systemd must not cut it short.
+    from inference.agent import AgentSettings
+
+    params = template["Parameters"]
+    agent_drain_s = params["DrainSeconds"]["Default"] + AgentSettings("r", "p").drain_grace_s + 30
+    assert params["TerminateHookTimeoutSeconds"]["Default"] > agent_drain_s
+    agent_unit = (REPO / "ami/files/systemd/nlpfleet-agent.service").read_text()
+    assert (
+        int(re.search(r"^TimeoutStopSec=(\d+)$", agent_unit, re.M)[1])
+        > AgentSettings("r", "p").drain_timeout_s
+    )
 
 
 def test_instances_accept_traffic_only_from_the_load_balancer(resources):
