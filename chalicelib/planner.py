@@ -19,8 +19,9 @@ The estimates (figures and formulas a reviewer can check):
   CPUs; tokens = examples x sequence length (padded).
 - Inference time: ``2 * params * tokens / (peak * utilization)``; a corpus holds about
   4 bytes per token (English WordPiece/BPE).
-- Preprocessing: tokenization throughput per vCPU measured on this project's ``preprocess``
-  job (``PREPROCESS_BYTES_PER_S_PER_VCPU``), memory 2 GB + 0.5 GB per worker, plus 2x the
+- Preprocessing: throughput per vCPU measured on this project's ``preprocess`` job
+  (``PREPROCESS_BYTES_PER_S_PER_VCPU``) up to the single reader/writer's ceiling
+  (``PREPROCESS_MAX_BYTES_PER_S``), memory 2 GB + 0.5 GB per worker, plus 2x the
   corpus when it must sit in memory; scratch 3x the corpus (input, shards with token ids).
 - Every job pays ``BOOT_H`` of instance time before it computes (boot, AMI start, S3 fetch):
   that is why a small job lands on a small instance rather than a fast one.
@@ -50,10 +51,11 @@ GPU_USABLE = 0.92
 CUDA_OVERHEAD_GB = 1.5
 HOST_BASE_GB = 2.0
 BYTES_PER_TOKEN = 4.0
-# Measured: nlpfleet.jobs_preprocess on banking77 (read CSV, normalise, tokenize with the
-# MiniLM WordPiece tokenizer, write JSONL shards) on one core of the build machine; see
-# docs/control-plane.md for the command and the figure.
-PREPROCESS_BYTES_PER_S_PER_VCPU = 1.0e6
+# Measured (docs/control-plane.md): nlpfleet.jobs_preprocess on banking77 (CSV → normalise →
+# MiniLM WordPiece → JSONL shards): 1.1 MB/s of corpus per worker vCPU (CPU time), and its
+# single reader/writer process spends 0.08 s CPU per 0.76 MB (~9 MB/s): the job's ceiling.
+PREPROCESS_BYTES_PER_S_PER_VCPU = 1.1e6
+PREPROCESS_MAX_BYTES_PER_S = 9.0e6
 EBS_SCRATCH_MAX_GB = 1000.0
 KINDS = ("train", "preprocess", "infer")
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -261,7 +263,8 @@ def _eval_preprocess(w: Workload, t: InstanceType) -> Candidate | str:
     scratch = 3.0 * w.corpus_bytes / GB
     if scratch > EBS_SCRATCH_MAX_GB and t.local_storage_gb < scratch:
         return f"needs {scratch:,.0f} GB of local scratch, has {t.local_storage_gb:,} GB"
-    compute_h = w.corpus_bytes / (PREPROCESS_BYTES_PER_S_PER_VCPU * t.vcpus) / 3600
+    rate = min(PREPROCESS_BYTES_PER_S_PER_VCPU * t.vcpus, PREPROCESS_MAX_BYTES_PER_S)
+    compute_h = w.corpus_bytes / rate / 3600
     hours, cost = _cost(t, compute_h)
     return Candidate(t, "cpu", t.vcpus, hours, cost, need, t.memory_gb, scratch_need_gb=scratch)
 
@@ -291,6 +294,7 @@ def _estimate(w: Workload) -> dict:
         "scratch_gb": round(3.0 * w.corpus_bytes / GB, 3),
         "in_memory": w.in_memory,
         "throughput_bytes_per_s_per_vcpu": PREPROCESS_BYTES_PER_S_PER_VCPU,
+        "throughput_ceiling_bytes_per_s": PREPROCESS_MAX_BYTES_PER_S,
     }
 
 

@@ -91,14 +91,13 @@ class _ShardWriter:
         self._n = 0
         self._sha = hashlib.sha256()
 
-    def write(self, record: dict) -> None:
+    def write(self, line: str) -> None:
         if self._f is None or self._n >= self.per_shard:
             self._close()
             name = f"part-{len(self.shards):05d}.jsonl"
             self._f = (self.out_dir / name).open("w", encoding="utf-8")
             self.shards.append({"name": name})
             self._n, self._sha = 0, hashlib.sha256()
-        line = json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n"
         self._f.write(line)
         self._sha.update(line.encode())
         self._n += 1
@@ -114,6 +113,58 @@ class _ShardWriter:
         return self.shards
 
 
+_TOK = None
+
+
+def _init_worker(tokenizer_file: str, seq_len: int) -> None:
+    """Each worker process loads the tokenizer once."""
+    global _TOK
+    from tokenizers import Tokenizer
+
+    _TOK = Tokenizer.from_file(tokenizer_file)
+    _TOK.enable_truncation(max_length=seq_len)
+    _TOK.no_padding()
+
+
+def _process_batch(rows: list[tuple[object, object]]) -> tuple[list[str], dict, dict, int]:
+    """Validate, normalise, tokenize and serialise one batch of (text, label) rows: the CPU-heavy
+    part, run in worker processes. Returns (JSONL lines, rejects, label counts, tokens)."""
+    rejects: dict[str, int] = {}
+    labels: dict[str, int] = {}
+    recs: list[dict] = []
+    for text, label in rows:
+        clean = normalise(text) if isinstance(text, str) else ""
+        if not clean:
+            rejects["empty or missing text"] = rejects.get("empty or missing text", 0) + 1
+            continue
+        rec: dict = {"text": clean}
+        if label is not None:
+            if isinstance(label, bool) or not isinstance(label, str | int) or str(label).strip() == "":
+                rejects["missing label"] = rejects.get("missing label", 0) + 1
+                continue
+            rec["label"] = str(label).strip()
+            labels[rec["label"]] = labels.get(rec["label"], 0) + 1
+        recs.append(rec)
+    tokens = 0
+    lines = []
+    for rec, enc in zip(recs, _TOK.encode_batch([r["text"] for r in recs]), strict=True):
+        rec["input_ids"] = enc.ids
+        tokens += len(enc.ids)
+        lines.append(json.dumps(rec, ensure_ascii=False, separators=(",", ":")) + "\n")
+    return lines, rejects, labels, tokens
+
+
+def _batches(src: Path, text_field: str, label_field: str, size: int):
+    batch: list[tuple[object, object]] = []
+    for _line, text, label in _rows(src, text_field, label_field):
+        batch.append((text, label))
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
 def preprocess_file(
     src: Path,
     out_dir: Path,
@@ -121,60 +172,52 @@ def preprocess_file(
     progress: Callable[[dict], None] | None = None,
     batch: int = 1000,
     max_reject_fraction: float = 0.05,
+    workers: int | None = None,
 ) -> dict:
-    """Local corpus → local shards; returns the index document (also written as ``_index.json``)."""
-    from tokenizers import Tokenizer
+    """Local corpus → local shards; returns the index document (also written as ``_index.json``).
 
-    tok = Tokenizer.from_file(str(tokenizer_path(spec.get("base_model") or "all-MiniLM-L6-v2")))
-    tok.enable_truncation(max_length=int(spec.get("seq_len") or 128))
-    tok.no_padding()
+    The reading process parses rows and writes shards in order; ``workers`` processes (default:
+    one per CPU) normalise, tokenize and serialise batches, so throughput grows with vCPUs until
+    the single reader/writer is the limit."""
+    seq_len = int(spec.get("seq_len") or 128)
+    tok_file = str(tokenizer_path(spec.get("base_model") or "all-MiniLM-L6-v2"))
     out_dir.mkdir(parents=True, exist_ok=True)
     writer = _ShardWriter(out_dir, int(spec.get("shard_examples") or 10_000))
     text_field, label_field = spec.get("text_field") or "text", spec.get("label_field") or "label"
+    workers = workers or int(spec.get("workers") or 0) or (os.cpu_count() or 1)
     rejects: dict[str, int] = {}
-    examples: list[dict] = []
     labels: dict[str, int] = {}
-    seen = tokens = 0
+    seen = written = tokens = 0
     bytes_in = src.stat().st_size
     t0 = time.monotonic()
+    batches = _batches(src, text_field, label_field, batch)
+    pool = None
+    if workers > 1:
+        import multiprocessing
 
-    def flush() -> None:
-        nonlocal tokens
-        encs = tok.encode_batch([e["text"] for e in examples])
-        for e, enc in zip(examples, encs, strict=True):
-            e["input_ids"] = enc.ids
-            tokens += len(enc.ids)
-            writer.write(e)
-        examples.clear()
-        if progress:
-            progress(
-                {
-                    "event": "heartbeat",
-                    "rows": seen,
-                    "written": seen - sum(rejects.values()),
-                    "tokens": tokens,
-                }
-            )
-
-    for _line, text, label in _rows(src, text_field, label_field):
-        seen += 1
-        if not isinstance(text, str) or not normalise(text):
-            rejects["empty or missing text"] = rejects.get("empty or missing text", 0) + 1
-            continue
-        rec: dict = {"text": normalise(text)}
-        if label is not None:
-            if isinstance(label, bool) or not isinstance(label, str | int) or str(label).strip() == "":
-                rejects["missing label"] = rejects.get("missing label", 0) + 1
-                continue
-            rec["label"] = str(label).strip()
-            labels[rec["label"]] = labels.get(rec["label"], 0) + 1
-        examples.append(rec)
-        if len(examples) >= batch:
-            flush()
-    if examples:
-        flush()
+        pool = multiprocessing.get_context("spawn").Pool(workers, _init_worker, (tok_file, seq_len))
+        results = pool.imap(_process_batch, batches, chunksize=1)
+    else:
+        _init_worker(tok_file, seq_len)
+        results = map(_process_batch, batches)
+    try:
+        for lines, rej, labs, toks in results:
+            for line in lines:
+                writer.write(line)
+            seen += len(lines) + sum(rej.values())
+            written += len(lines)
+            tokens += toks
+            for k, v in rej.items():
+                rejects[k] = rejects.get(k, 0) + v
+            for k, v in labs.items():
+                labels[k] = labels.get(k, 0) + v
+            if progress:
+                progress({"event": "heartbeat", "rows": seen, "written": written, "tokens": tokens})
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
     shards = writer.close()
-    written = seen - sum(rejects.values())
     if written == 0:
         raise ValueError(f"{src.name}: no valid rows out of {seen}")
     if seen and sum(rejects.values()) / seen > max_reject_fraction:
@@ -187,9 +230,10 @@ def preprocess_file(
         "rejected": rejects,
         "labels": dict(sorted(labels.items())),
         "tokens": tokens,
-        "seq_len": int(spec.get("seq_len") or 128),
+        "seq_len": seq_len,
         "base_model": spec.get("base_model") or "all-MiniLM-L6-v2",
         "shards": shards,
+        "workers": workers,
         "bytes_in": bytes_in,
         "seconds": round(elapsed, 3),
         "bytes_per_s": round(bytes_in / elapsed, 1) if elapsed else None,
