@@ -86,8 +86,9 @@ layout() {
   install -d -m 0755 "$DESTDIR$PREFIX/bin" "$DESTDIR$PREFIX/share" "$DESTDIR/etc/nlpfleet" \
     "$DESTDIR/etc/systemd/system/multi-user.target.wants"
   # State and logs live on the root EBS volume: the TensorRT engine cache survives reboots and
-  # service restarts (engines take minutes to build), models are fetched here.
-  install -d -m 0750 "$DESTDIR$STATE" "$DESTDIR$STATE/models" "$DESTDIR$TRT_CACHE"
+  # service restarts (engines take minutes to build), models are fetched here, jobs work in
+  # scratch/ (datasets, checkpoints: not /tmp).
+  install -d -m 0750 "$DESTDIR$STATE" "$DESTDIR$STATE/models" "$DESTDIR$STATE/scratch" "$DESTDIR$TRT_CACHE"
   install -d -m 0755 "$DESTDIR$LOGS"
   if [[ "$OS_PACKAGES" == 1 ]]; then
     chown -R nlpfleet:nlpfleet "$DESTDIR$STATE" "$DESTDIR$LOGS"
@@ -162,6 +163,7 @@ NLPFLEET_IMAGE_NAME=$IMAGE_NAME
 NLPFLEET_IMAGE_VARIANT=$VARIANT
 NLPFLEET_TRT_CACHE_DIR=$TRT_CACHE
 NLPFLEET_MODEL_CACHE_DIR=$STATE/models
+NLPFLEET_SCRATCH=$STATE/scratch
 HOME=$STATE
 HF_HUB_OFFLINE=1
 TRANSFORMERS_OFFLINE=1

@@ -146,6 +146,7 @@ def test_image_layout_units_and_configuration(root):
     assert image_env["NLPFLEET_IMAGE_VARIANT"] == "cpu"
     assert image_env["NLPFLEET_TRT_CACHE_DIR"] == "/var/lib/nlpfleet/trt-cache"
     assert (root / "var/lib/nlpfleet/trt-cache").is_dir()  # on the root EBS volume, not tmpfs
+    assert image_env["NLPFLEET_SCRATCH"] == "/var/lib/nlpfleet/scratch"  # job work space, not /tmp
 
     cwa = json.loads((root / "opt/nlpfleet/share/cloudwatch-agent.json").read_text())
     files = cwa["logs"]["logs_collected"]["files"]["collect_list"]
