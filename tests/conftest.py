@@ -163,3 +163,21 @@ def trained_artifact(data_dir) -> Path:
             build_trained_artifact(data_dir, dest)
             verify_artifact(dest)
     return dest
+
+
+@pytest.fixture(scope="session")
+def minilm_2layer(tmp_path_factory) -> Path:
+    """A real pretrained checkpoint, made small: the packaged MiniLM cut to its first 2 of 6
+    layers (same tokenizer, same pretrained weights for what remains). For tests of training
+    mechanics (resume, DDP) that need a real BERT-family model, not a good one; it also
+    exercises the worker's ``model_dir`` option (any local checkpoint directory)."""
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    from training.worker import default_model_dir
+
+    base = default_model_dir()
+    dest = tmp_path_factory.mktemp("minilm-l2")
+    config = AutoConfig.from_pretrained(base, num_hidden_layers=2)
+    AutoModel.from_pretrained(base, config=config).save_pretrained(dest)
+    AutoTokenizer.from_pretrained(base).save_pretrained(dest)
+    return dest

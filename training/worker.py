@@ -47,7 +47,9 @@ from training.data import DataError, Split, check_dev_labels, dataset_sha256, la
 
 log = logging.getLogger("nlpfleet.train")
 
-EXIT_INTERRUPTED = 143  # 128 + SIGTERM: "stopped on request, checkpoint written, resume me"
+# Stopped on request (SIGTERM / stop event) after writing a checkpoint: "resume me". Distinct from
+# 143/-15, which is what a process killed by SIGTERM *without* checkpointing reports.
+EXIT_INTERRUPTED = 3
 DEFAULT_BASE_MODEL = "all-MiniLM-L6-v2"
 
 
@@ -325,7 +327,8 @@ def train(
     label_id = {y: i for i, y in enumerate(labels)}
 
     # ---- process group, device, precision
-    if world > 1 and not dist.is_initialized():
+    own_group = world > 1 and not dist.is_initialized()
+    if own_group:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
@@ -627,6 +630,8 @@ def train(
     report("done" if status == "completed" else "interrupted", **result.to_dict())
     if world > 1:
         dist.barrier()
+        if own_group:
+            dist.destroy_process_group()
     return result
 
 
@@ -643,6 +648,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _log_progress(event: dict) -> None:
+    """The CLI's progress sink: one log line per event (stderr), for people and supervisors."""
+    kind = event.get("event")
+    if kind == "step":
+        log.info(
+            "step %d/%d epoch %d loss %.4f lr %.2e",
+            event["step"],
+            event["total_steps"],
+            event["epoch"],
+            event["loss"],
+            event["lr"],
+        )
+    elif kind in ("checkpoint", "interrupted", "done", "start"):
+        log.info("%s %s", kind, json.dumps({k: v for k, v in event.items() if k not in ("event", "history")}))
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=os.environ.get("NLPFLEET_LOG_LEVEL", "INFO"), format="%(levelname)s %(name)s: %(message)s"
@@ -657,11 +678,12 @@ def main(argv: list[str] | None = None) -> int:
             out = train_and_export(
                 config,
                 ExportSpec(name=args.export_name, version=args.export_version, publish_uri=args.publish_uri),
+                _log_progress,
             )
             result = out["train"]
             status = result["status"]
         else:
-            status = train(config).status
+            status = train(config, _log_progress).status
     except (DataError, ConfigError) as e:
         print(f"nlpfleet-train: error: {e}", file=sys.stderr)
         return 2
