@@ -502,6 +502,9 @@ def _arg_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Tokenization already overlaps the model runs in its own thread; letting the Rust tokenizer
+    # fan out over every core as well would take those cores from the model.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import uvicorn
 
     args = vars(_arg_parser().parse_args(argv))

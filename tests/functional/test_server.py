@@ -34,12 +34,12 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_server(env: dict, *, host: str = "127.0.0.1", wait_ready: bool = True):
+def running_server(env: dict, *, host: str = "127.0.0.1", wait_ready: bool = True, s3_client=None):
     port = free_port()
     settings = Settings.from_env(
         {"NLPFLEET_HOST": host, "NLPFLEET_PORT": str(port), "NLPFLEET_WARMUP_ROUNDS": "1", **env}
     )
-    app = create_app(settings)
+    app = create_app(settings, s3_client=s3_client)
     server = uvicorn.Server(
         uvicorn.Config(
             app, host=host, port=port, loop="uvloop", http="httptools", log_level="warning", access_log=False
@@ -381,3 +381,37 @@ def test_hot_swap_under_load_fails_no_request(server, artifact, dev_texts, tmp_p
     # Every request sent after the swap answered is served by the new model.
     assert all(b["model"]["version"] == "swapped-v2" for t0, _, _, b in results if t0 > swap["t1"])
     assert httpx.get(base + "/v1/model").json()["version"] == "swapped-v2"
+
+
+# ---- s3:// artifacts ------------------------------------------------------------------------
+
+
+def test_serves_an_s3_artifact_and_refuses_a_tampered_one(artifact, tmp_path):
+    """The path an instance takes: the model named by an s3:// URI, fetched and verified."""
+    import boto3
+    from moto import mock_aws
+
+    from inference.artifact import publish_artifact
+
+    with mock_aws():
+        s3 = boto3.client("s3", region_name="us-east-1")
+        s3.create_bucket(Bucket="models")
+        publish_artifact(artifact, "s3://models/models/banking77/v1/", s3)
+        publish_artifact(
+            link_copy(artifact, tmp_path / "v2", version="v2"), "s3://models/models/banking77/v2/", s3
+        )
+        env = {
+            "NLPFLEET_MODEL": "s3://models/models/banking77/v1/",
+            "NLPFLEET_MODEL_CACHE_DIR": str(tmp_path / "cache"),
+        }
+        with running_server(env, s3_client=s3) as (base, _, _):
+            r = httpx.post(base + "/v1/classify", json={"inputs": ["my card was stolen"]})
+            assert r.status_code == 200
+            # Tampered after publication: the fetch verifies and the swap is refused.
+            s3.put_object(Bucket="models", Key="models/banking77/v2/labels.json", Body=b'["a", "b"]')
+            r = httpx.post(
+                base + "/admin/swap", json={"uri": "s3://models/models/banking77/v2/"}, timeout=120
+            )
+            assert r.status_code == 422 and "labels.json" in r.json()["error"]["message"]
+            assert httpx.get(base + "/v1/model").json()["manifest"]["version"] != "v2"
+            assert httpx.post(base + "/v1/classify", json={"inputs": ["hi"]}).status_code == 200
