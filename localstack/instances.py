@@ -2,14 +2,16 @@
 
 moto reports instances as ``running`` the moment ``RunInstances`` (or an Auto Scaling group)
 creates them, and nothing runs. ``InstanceManager`` watches the stand-in's EC2 state and, for
-each running instance, boots what the AMI would boot: the instance entry point
-(``nlpfleet-instance --user-data FILE``, the command is configurable) with the instance's own
-user data, in its own process group, with its console output in ``<state_dir>/instances/<id>/``.
+each running instance, boots what the AMI would boot for its role (``default_command``:
+the command the role's systemd unit runs; configurable) with the instance's own user data, in its own process group, with its console output in ``<state_dir>/instances/<id>/``.
 
 The user data is the instance's, with the two fields the launch contract leaves to the local
 stack (docs/CONTRACTS.md): ``endpoint_url`` (the moto server) and, for inference instances,
 ``port`` (every local instance needs its own; on EC2 each has its own address and uses 8080).
 The instance learns its id from ``NLPFLEET_INSTANCE_ID`` (on EC2: IMDS ``instance-id``).
+
+An instance boots ``boot_delay_s`` after EC2 reports it running (EC2 takes tens of seconds
+from ``running`` to the first user-space process; locally a few seconds).
 
 State changes follow EC2:
 - terminated / stopped in EC2 → the process group gets SIGTERM, then SIGKILL after ``grace_s``
@@ -53,6 +55,13 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def default_command(user_data_file: Path) -> list[str]:
+    """What the AMI's systemd unit for the instance's role starts (ami/files/systemd/):
+    ``nlpfleet-job.service`` runs ``nlpfleet-instance --user-data …``; on an inference instance
+    ``nlpfleet-agent.service`` runs ``python -m inference.agent --user-data …``, which starts and
+    supervises the server."""
+    role = json.loads(Path(user_data_file).read_text()).get("role")
+    if role == "inference":
+        return [sys.executable, "-m", "inference.agent", "--user-data", str(user_data_file)]
     return [str(Path(sys.executable).with_name("nlpfleet-instance")), "--user-data", str(user_data_file)]
 
 
@@ -124,6 +133,7 @@ class InstanceManager:
         emit_events: bool = True,
         on_impaired: Callable[[LocalInstance], None] | None = None,
         instance_env: Callable[[str], dict[str, str]] | None = None,
+        boot_delay_s: float = 0.0,
     ):
         self._make_client = make_client
         self.state_dir = Path(state_dir)
@@ -136,6 +146,8 @@ class InstanceManager:
         self.emit_events = emit_events
         self.on_impaired = on_impaired
         self.instance_env = instance_env
+        self.boot_delay_s = boot_delay_s
+        self._running_since: dict[str, float] = {}
         self.instances: dict[str, LocalInstance] = {}
         self._seen_state: dict[str, str] = {}
         self._lock = threading.RLock()
@@ -162,7 +174,9 @@ class InstanceManager:
                     changes.append((iid, state))
                 inst = self.instances.get(iid)
                 if state == "running" and (inst is None or (inst.proc is None and not inst.crashed)):
-                    self._boot(ec2, desc)
+                    first = self._running_since.setdefault(iid, time.monotonic())
+                    if time.monotonic() - first >= self.boot_delay_s:
+                        self._boot(ec2, desc)
                 elif inst is not None:
                     inst.ec2_state = state
                     if state in ("shutting-down", "terminated", "stopping", "stopped") and inst.alive:

@@ -66,6 +66,7 @@ class StackConfig:
     instance_env: dict[str, str] = field(default_factory=dict)  # extra environment for instances
     grace_s: float = 15.0  # SIGTERM → SIGKILL for a stopping instance
     status_check_delay_s: float = 10.0  # crash → the group notices the failed status check
+    boot_delay_s: float = 5.0  # EC2 "running" → the role's entry point starts
 
     @classmethod
     def from_dict(cls, d: dict) -> StackConfig:
@@ -291,6 +292,7 @@ class LocalStack:
             grace_s=cfg.grace_s,
             on_impaired=self._on_impaired,
             instance_env=lambda iid: {"NLPFLEET_IMDS_URL": self.imds.base_url(iid)},
+            boot_delay_s=cfg.boot_delay_s,
         ).start()
         log.info("handlers and instances ready after %.1fs", time.monotonic() - t0)
         self._target_groups = [
