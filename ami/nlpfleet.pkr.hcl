@@ -172,8 +172,9 @@ build {
     destination = local.remote_staging_dir
   }
 
+  # {{ .Vars }} carries environment_vars; `sudo env` passes them whatever sudo's env_reset says.
   provisioner "shell" {
-    execute_command = "chmod +x {{ .Path }}; sudo -E bash {{ .Path }}"
+    execute_command = "chmod +x {{ .Path }}; sudo env {{ .Vars }} bash {{ .Path }}"
     environment_vars = [
       "NLPFLEET_VARIANT=${var.variant}",
       "NLPFLEET_SRC=${local.remote_staging_dir}",
@@ -184,7 +185,7 @@ build {
   }
 
   provisioner "shell" {
-    execute_command = "sudo -E bash {{ .Path }}"
+    execute_command = "chmod +x {{ .Path }}; sudo env {{ .Vars }} bash {{ .Path }}"
     inline = [
       "rm -rf ${local.remote_staging_dir}",
       # Fresh machine-id and cloud-init state for every instance launched from the image.

@@ -64,3 +64,15 @@ def test_shell_scripts_pass_shellcheck():
     assert scripts, "no provisioning scripts found"
     r = _run(_tool("shellcheck"), "--severity=style", *scripts)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_shell_provisioners_pass_their_environment_through_sudo():
+    # A custom execute_command without {{ .Vars }} silently drops environment_vars (the variant).
+    blocks = re.findall(r'provisioner "shell" \{(.*?)\n  \}', TEMPLATE.read_text(), re.S)
+    assert blocks
+    for block in blocks:
+        m = re.search(r'execute_command\s*=\s*"([^"]*)"', block)
+        if m:
+            assert "{{ .Vars }}" in m[1], m[1]
+    provision = next(b for b in blocks if "provision.sh" in b)
+    assert "NLPFLEET_VARIANT=${var.variant}" in provision
