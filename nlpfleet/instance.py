@@ -21,18 +21,20 @@ import argparse
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
 log = logging.getLogger("nlpfleet.instance")
-IMDS = "http://169.254.169.254"
+IMDS = os.environ.get("NLPFLEET_IMDS_URL", "http://169.254.169.254")
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 3
 
 
@@ -40,16 +42,48 @@ class Cancelled(Exception):
     """The job record refused a heartbeat: the job is already terminal (cancelled, failed)."""
 
 
-def imds_user_data(timeout_s: float = 2.0) -> bytes:
-    """IMDSv2: a session token first (PUT), then the user data with it."""
+def _imds_get(path: str, timeout_s: float = 2.0, base: str | None = None) -> bytes:
+    """IMDSv2: a session token first (PUT), then the GET with it."""
+    base = base or IMDS
     req = urllib.request.Request(
-        f"{IMDS}/latest/api/token", method="PUT", headers={"X-aws-ec2-metadata-token-ttl-seconds": "300"}
+        f"{base}/latest/api/token", method="PUT", headers={"X-aws-ec2-metadata-token-ttl-seconds": "300"}
     )
     with urllib.request.urlopen(req, timeout=timeout_s) as r:
         token = r.read().decode()
-    req = urllib.request.Request(f"{IMDS}/latest/user-data", headers={"X-aws-ec2-metadata-token": token})
+    req = urllib.request.Request(f"{base}{path}", headers={"X-aws-ec2-metadata-token": token})
     with urllib.request.urlopen(req, timeout=timeout_s) as r:
         return r.read()
+
+
+def imds_user_data(timeout_s: float = 2.0, base: str | None = None) -> bytes:
+    return _imds_get("/latest/user-data", timeout_s, base)
+
+
+def watch_spot_notice(
+    on_notice: Callable[[dict], None], stop: threading.Event, poll_s: float = 5.0, base: str | None = None
+) -> threading.Thread:
+    """Poll ``spot/instance-action`` (404 until EC2 schedules a reclaim, two minutes ahead) and call
+    ``on_notice`` once when it appears. ``main`` passes a function that SIGTERMs this process, so
+    the training worker checkpoints with the full two minutes instead of at the final shutdown."""
+
+    def loop() -> None:
+        while not stop.is_set():
+            try:
+                notice = json.loads(_imds_get("/latest/meta-data/spot/instance-action", base=base))
+            except urllib.error.HTTPError as e:
+                if e.code != 404:
+                    log.warning("IMDS spot/instance-action: HTTP %s", e.code)
+            except (OSError, ValueError) as e:
+                log.debug("IMDS spot/instance-action: %s", e)
+            else:
+                log.warning("spot interruption notice: %s", notice)
+                on_notice(notice)
+                return
+            stop.wait(poll_s)
+
+    t = threading.Thread(target=loop, name="spot-notice", daemon=True)
+    t.start()
+    return t
 
 
 def parse_user_data(raw: bytes | str) -> dict:
@@ -298,7 +332,13 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     if data["role"] == "inference":
         return run_inference(data)
-    code = run_job(data)
+    stop = threading.Event()
+    if not args.user_data:  # on EC2: checkpoint as soon as a spot reclaim is announced
+        watch_spot_notice(lambda _n: os.kill(os.getpid(), signal.SIGTERM), stop)
+    try:
+        code = run_job(data)
+    finally:
+        stop.set()
     if args.shutdown and code != EXIT_INTERRUPTED:
         subprocess.run(["shutdown", "-h", "now"], check=False)
     return code

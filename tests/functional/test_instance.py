@@ -170,3 +170,50 @@ def test_finetune_runs_the_training_worker_and_publishes_a_model(aws, client, da
     key = res["model_uri"].split(BUCKET + "/")[1] + "manifest.json"
     manifest = json.loads(aws["s3"].get_object(Bucket=BUCKET, Key=key)["Body"].read())
     assert manifest["name"] == "tiny" and len(manifest["labels"]) == 3
+
+
+def test_imdsv2_user_data_and_spot_notice_against_a_local_metadata_server():
+    """A stand-in for IMDS that, like IMDSv2, refuses requests without a session token."""
+    import http.server
+    import threading
+
+    state = {"notice": False}
+
+    class Imds(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_PUT(self):
+            ok = self.path == "/latest/api/token" and self.headers.get("X-aws-ec2-metadata-token-ttl-seconds")
+            self.send_response(200 if ok else 400)
+            self.end_headers()
+            self.wfile.write(b"tok-1")
+
+        def do_GET(self):
+            if self.headers.get("X-aws-ec2-metadata-token") != "tok-1":
+                self.send_response(401)
+                self.end_headers()
+                return
+            body = None
+            if self.path == "/latest/user-data":
+                body = b'{"role": "inference", "region": "us-east-1"}'
+            elif self.path == "/latest/meta-data/spot/instance-action" and state["notice"]:
+                body = b'{"action": "terminate", "time": "2026-11-26T10:07:00Z"}'
+            self.send_response(200 if body else 404)
+            self.end_headers()
+            self.wfile.write(body or b"")
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Imds)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{srv.server_address[1]}"
+    try:
+        assert instance.parse_user_data(instance.imds_user_data(base=base))["role"] == "inference"
+        got, stop = [], threading.Event()
+        t = instance.watch_spot_notice(got.append, stop, poll_s=0.05, base=base)
+        t.join(0.3)
+        assert got == [] and t.is_alive()  # 404: no reclaim scheduled
+        state["notice"] = True
+        t.join(5)
+        assert got == [{"action": "terminate", "time": "2026-11-26T10:07:00Z"}] and not t.is_alive()
+    finally:
+        srv.shutdown()
