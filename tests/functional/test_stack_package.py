@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from datetime import date
@@ -29,9 +30,21 @@ STACK_NAMES = {
 }
 
 
-def package(stage: str, out: Path) -> Path:
+def project_copy(dest: Path) -> Path:
+    """What `chalice package` reads (app, chalicelib, .chalice), copied so that its deployment
+    cache does not race other test runs in the checkout's .chalice/deployments."""
+    shutil.copy(REPO / "app.py", dest)
+    shutil.copy(REPO / "requirements.txt", dest)
+    shutil.copytree(REPO / "chalicelib", dest / "chalicelib", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        REPO / ".chalice", dest / ".chalice", ignore=shutil.ignore_patterns("deployments", "venv")
+    )
+    return dest
+
+
+def package(stage: str, project: Path, out: Path) -> Path:
     env = {**os.environ, "AWS_DEFAULT_REGION": "us-east-1"}
-    cmd = [str(CHALICE), "--project-dir", str(REPO), "package", "--stage", stage,
+    cmd = [str(CHALICE), "--project-dir", str(project), "package", "--stage", stage,
            "--merge-template", str(REPO / "infra" / "nlpfleet.yaml"), str(out)]  # fmt: skip
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -40,7 +53,8 @@ def package(stage: str, out: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def packaged(tmp_path_factory) -> dict[str, Path]:
-    return {stage: package(stage, tmp_path_factory.mktemp(f"pkg-{stage}")) for stage in STAGES}
+    project = project_copy(tmp_path_factory.mktemp("project"))
+    return {stage: package(stage, project, tmp_path_factory.mktemp(f"pkg-{stage}")) for stage in STAGES}
 
 
 @pytest.fixture(scope="module")
