@@ -96,6 +96,7 @@ class LocalStack:
         self.admin_url: str | None = None
         self._admin = None
         self._target_groups: list[str] = []
+        self._api_env: dict[str, str] = {}
         self._api_server = None
         self._api_thread: threading.Thread | None = None
         self._saved_env: dict[str, str | None] = {}
@@ -153,7 +154,7 @@ class LocalStack:
         factory = CLIFactory(str(self.config.project_dir))
         chalice_config = factory.create_config_obj(chalice_stage_name=self.config.stage)
         api_fn = next(f for f in self.deployment.functions if f.is_api)
-        env = self._function_env(api_fn.logical_id)
+        env = self._api_env = self._function_env(api_fn.logical_id)
         server = create_local_server(app_obj, chalice_config, LOOPBACK, self.config.api_port)
         local_cls = app_obj.__class__
 
@@ -358,6 +359,21 @@ class LocalStack:
             self._api_server.server.server_close()
             self._api_thread.join(timeout=5)
 
+    def update_environment(self, variables: dict[str, str], functions: list[str] | None = None) -> list[str]:
+        """What ``aws lambda update-function-configuration --environment`` does, for the local
+        functions (all, or those named by logical id): later invocations see the new values."""
+        changed = []
+        for route in self.dispatcher.routes:
+            if functions is None or route.name in functions:
+                route.environment.update(variables)
+                changed.append(route.name)
+        api_fn = next(f for f in self.deployment.functions if f.is_api)
+        if functions is None or api_fn.logical_id in functions:
+            self._api_env.update(variables)
+            changed.append(api_fn.logical_id)
+        log.info("function configuration updated: %s for %s", variables, changed)
+        return changed
+
     def snapshot(self) -> dict:
         """What the local stack itself knows (instances, deliveries, load balancer, clock):
         ``GET /local/state`` on the admin server; tests and the demo read it."""
@@ -393,6 +409,10 @@ class LocalStack:
 
             def do_POST(self):
                 parts = self.path.strip("/").split("/")
+                if parts == ["local", "functions", "environment"]:
+                    doc = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))) or b"{}")
+                    changed = stack.update_environment(doc["variables"], doc.get("functions"))
+                    return self._send(200, {"updated": changed})
                 if len(parts) == 4 and parts[:2] == ["local", "instances"] and parts[3] == "kill":
                     try:
                         inst = stack.instances.kill(parts[2])

@@ -30,6 +30,7 @@ import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -65,6 +66,7 @@ class DemoConfig:
     trace_minutes_per_s: float = 6.0  # a trace day in 4 minutes
     rps_per_req_per_min: float = 0.4  # the trace's requests/minute become this many requests/second
     settle_s: float = 60.0  # after the replay: wait for the night's scale-in
+    target_inflight: float = 2.0  # in-flight requests per instance the autoscaler aims for
     env: dict[str, str] = field(default_factory=dict)  # handler environment overrides
     quiet: bool = False
 
@@ -137,6 +139,11 @@ class Session:
         ]
         return groups[0] if groups else {}
 
+    def update_functions(self, variables: dict[str, str], functions: list[str] | None = None) -> dict:
+        """``aws lambda update-function-configuration`` for the local functions."""
+        body = {"variables": variables, **({"functions": functions} if functions else {})}
+        return self.admin.post("/local/functions/environment", json=body).json()
+
     def kill(self, instance_id: str) -> dict:
         return self.admin.post(f"/local/instances/{instance_id}/kill").json()
 
@@ -163,7 +170,27 @@ def start_stack(cfg: DemoConfig) -> dict:
 
     stop(cfg.state_dir, timeout_s=30)  # a previous run that was interrupted
     scfg = StackConfig(state_dir=cfg.state_dir, speed=cfg.speed)
-    scfg.parameters["InferenceMaxSize"] = str(cfg.max_size)
+    # deployment parameters for one small machine: a small group, short hook timeouts
+    scfg.parameters.update(
+        {
+            "InferenceMaxSize": str(cfg.max_size),
+            "TerminateHookTimeoutSeconds": "30",
+            "DrainSeconds": "5",
+            "WarmupTimeoutSeconds": "300",
+        }
+    )
+    # the autoscaler's settings for a compressed day (all are its documented environment):
+    # no fleet until a model exists, no seasonal history yet, short boot and scale-in windows
+    scfg.env_overrides.update(
+        {
+            "SCALING_MIN_SIZE": "0",
+            "SCALING_FORECAST_WEIGHT": "0",
+            "SCALING_BOOT_DELAY_S": "30",
+            "SCALING_SCALE_IN_STABILIZATION_S": "60",
+            "SCALING_SCALE_IN_MAX_STEP_FRACTION": "0.5",
+            "SCALING_TARGET_INFLIGHT_PER_INSTANCE": str(cfg.target_inflight),
+        }
+    )
     scfg.env_overrides.update(cfg.env)
     return spawn(scfg)
 
@@ -201,7 +228,7 @@ def upload_dataset(cfg: DemoConfig, s: Session) -> str:
     return f"{prefix}/train.csv"
 
 
-def run_job(cfg: DemoConfig, s: Session, key: str) -> dict:
+def run_job(cfg: DemoConfig, s: Session, key: str, hooks=None) -> dict:
     from nlpfleet.cli import progress_fraction
 
     job = wait_until(
@@ -241,6 +268,8 @@ def run_job(cfg: DemoConfig, s: Session, key: str) -> dict:
             say(cfg, f"  [{bar}] {100 * frac:5.1f}% {extra}")
         if job["state"] in ("SUCCEEDED", "FAILED", "CANCELLED"):
             return job
+        if hooks is not None:
+            hooks.job_progress(s, job)
         time.sleep(1.0)
     raise DemoError(f"job {job['job_id']} still {job['state']} after {cfg.job_timeout_s:.0f}s")
 
@@ -250,6 +279,9 @@ def wait_rollout(cfg: DemoConfig, s: Session, timeout_s: float = 120) -> dict:
         lambda: s.api.get("/models").json().get("active") or None, timeout_s, "the active model"
     )
     say(cfg, f"model {models.get('name')}/{models.get('version')} is active: {models.get('uri')}")
+    # the operator's step once a model exists: keep at least one instance (SCALING_MIN_SIZE)
+    s.update_functions({"SCALING_MIN_SIZE": "1"})
+    say(cfg, "fleet floor raised to 1 (SCALING_MIN_SIZE=1): the autoscaler launches the first instance")
     wait_until(
         lambda: any(t["state"] == "healthy" for t in (s.local()["lb"] or {}).get("targets", [])),
         timeout_s,
@@ -300,7 +332,7 @@ class Sampler:
         self._thread.join(timeout=10)
 
 
-def replay_trace(cfg: DemoConfig, s: Session, sampler_t0: float) -> list:
+def replay_trace(cfg: DemoConfig, s: Session, hooks=None) -> list:
     from localstack.replay import load_texts, load_trace, replay, send_plan
 
     trace = load_trace(
@@ -322,41 +354,59 @@ def replay_trace(cfg: DemoConfig, s: Session, sampler_t0: float) -> list:
     )
 
     def tick(now, minute):
+        if hooks is not None:
+            hooks.during_replay(s, now)
         if int(now) % 20 == 0:
             g = s.group()
+            states: dict[str, int] = {}
+            for i in g.get("Instances", []):
+                states[i["LifecycleState"]] = states.get(i["LifecycleState"], 0) + 1
             say(
                 cfg,
-                f"  t={now:5.0f}s trace {trace[minute][0]} ({counts[minute]} req/min): "
-                f"desired {g.get('DesiredCapacity')}, in service "
-                f"{sum(i['LifecycleState'] == 'InService' for i in g.get('Instances', []))}",
+                f"  t={now:5.0f}s trace {datetime.fromtimestamp(trace[minute][0], UTC):%H:%M} UTC "
+                f"({counts[minute]} req/min): desired {g.get('DesiredCapacity')}, {states}",
             )
 
     return asyncio.run(replay(s.lb_url + "/v1/classify", plan, texts, on_tick=tick))
 
 
-def scaling_decisions(s: Session) -> list[dict]:
-    """Every scaling decision the control plane recorded, with its reason (from the handler logs
-    the stack keeps; the autoscaler also records them in its state table)."""
+def _logged(s: Session, kinds: tuple[str, ...]) -> list[dict]:
+    """The control plane's one-line JSON decision logs (``{"event": kind, ...}``) from the
+    stack log (on AWS: the functions' CloudWatch Logs)."""
     out = []
-    log = Path(s.state["state_dir"]) / "stack.log"
-    if not log.exists():
+    path = Path(s.state["state_dir"]) / "stack.log"
+    if not path.exists():
         return out
-    for line in log.read_text(errors="replace").splitlines():
-        i = line.find("{")
+    for line in path.read_text(errors="replace").splitlines():
+        i = line.find('{"')
         if i < 0 or '"event"' not in line:
             continue
         try:
             doc = json.loads(line[i:])
         except ValueError:
             continue
-        if isinstance(doc, dict) and doc.get("event") in (
-            "scaling_decision",
-            "scale",
-            "autoscale",
-            "scaling",
-        ):
+        if isinstance(doc, dict) and doc.get("event") in kinds:
+            doc["logged_at"] = line[:23]
             out.append(doc)
     return out
+
+
+def scaling_decisions(s: Session) -> list[dict]:
+    """The autoscaler's decisions that changed the desired capacity, with their reasons."""
+    out, last = [], None
+    for d in _logged(s, ("scaling_decision",)):
+        before = (d.get("fleet") or {}).get("desired")
+        if d.get("desired") != before or d.get("desired") != last:
+            out.append({k: d.get(k) for k in ("logged_at", "desired", "reason", "fleet", "latest_metric")})
+        last = d.get("desired")
+    return out
+
+
+def lifecycle_actions(s: Session) -> list[dict]:
+    return [
+        {k: d.get(k) for k in ("logged_at", "kind", "instance_id", "hook", "done")}
+        for d in _logged(s, ("lifecycle_action",))
+    ]
 
 
 def instance_minutes(s: Session, t_start: float, t_end: float) -> float:
@@ -412,12 +462,28 @@ def plot(path: Path, windows: list[dict], samples: list[dict], title: str) -> No
 # ------------------------------------------------------------------ the run
 
 
-def run(cfg: DemoConfig, after_rollout=None) -> dict:
-    """Run the demo; ``after_rollout(session)`` (tests: fault injection) runs once the model
-    serves. Always stops the stack."""
+class Hooks:
+    """Points where a test injects faults or drives the fleet; the demo uses none of them."""
+
+    def job_progress(self, s: Session, job: dict) -> None:
+        """Called on every poll of the running job."""
+
+    def after_rollout(self, s: Session) -> dict | None:
+        """Once the model serves behind the load balancer, before the replay."""
+
+    def during_replay(self, s: Session, t: float) -> None:
+        """About every second of the replay (``t``: seconds since it started)."""
+
+    def after_replay(self, s: Session) -> dict | None:
+        """After the replay and the scale-in wait, before the stack stops."""
+
+
+def run(cfg: DemoConfig, hooks: Hooks | None = None) -> dict:
+    """Run the demo and return its summary. Always stops the stack."""
     from localstack.replay import summarize, windows
     from localstack.stack import stop
 
+    hooks = hooks or Hooks()
     t_begin = time.time()
     summary: dict = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}}
     say(cfg, "starting the local stack ...")
@@ -429,32 +495,35 @@ def run(cfg: DemoConfig, after_rollout=None) -> dict:
     )
     try:
         key = upload_dataset(cfg, s)
-        job = run_job(cfg, s, key)
+        job = run_job(cfg, s, key, hooks)
         summary["job"] = {
-            k: job.get(k) for k in ("job_id", "state", "result", "metrics", "error", "attempt", "plan")
+            k: job.get(k)
+            for k in ("job_id", "state", "result", "metrics", "error", "attempt", "attempts", "plan")
         }
         say(cfg, f"job {job['state']}: {json.dumps(job.get('metrics') or job.get('result'))[:300]}")
         if job["state"] != "SUCCEEDED":
             raise DemoError(f"job ended {job['state']}: {job.get('error')}")
         summary["model"] = wait_rollout(cfg, s)
-        if after_rollout:
-            summary["faults"] = after_rollout(s)
+        summary["after_rollout"] = hooks.after_rollout(s)
         t0 = time.monotonic()
         sampler = Sampler(s).start(t0)
         t_wall0 = time.time()
-        results = replay_trace(cfg, s, t0)
+        results = replay_trace(cfg, s, hooks)
         say(cfg, f"replay done; waiting up to {cfg.settle_s:.0f}s for the night's scale-in")
         try:
-            floor = min(x["desired"] for x in sampler.samples) if sampler.samples else 1
-            wait_until(lambda: s.group().get("DesiredCapacity", 0) <= max(floor, 1), cfg.settle_s, "scale-in")
+            wait_until(
+                lambda: s.group().get("DesiredCapacity", 0) <= 1 and _settled(s), cfg.settle_s, "scale-in"
+            )
         except DemoError as e:
             say(cfg, f"  {e}")
+        summary["after_replay"] = hooks.after_replay(s)
         sampler.stop()
         t_wall1 = time.time()
         summary["traffic"] = summarize(results)
         summary["instance_minutes"] = round(instance_minutes(s, t_wall0, t_wall1), 2)
         summary["samples"] = sampler.samples
         summary["decisions"] = scaling_decisions(s)
+        summary["lifecycle"] = lifecycle_actions(s)
         summary["local"] = {
             k: v for k, v in s.local().items() if k in ("dispatcher", "failures", "lb", "instances")
         }
@@ -468,6 +537,11 @@ def run(cfg: DemoConfig, after_rollout=None) -> dict:
     summary["stopped"] = True
     summary["elapsed_s"] = round(time.time() - t_begin, 1)
     return summary
+
+
+def _settled(s: Session) -> bool:
+    """No instance waits on a lifecycle hook."""
+    return all(not i["LifecycleState"].endswith(":Wait") for i in s.group().get("Instances", []))
 
 
 def print_summary(summary: dict) -> None:
