@@ -475,7 +475,7 @@ def sweep(s: Settings, a: Adapters, now: datetime) -> dict:
     """The scheduled heartbeat sweep: fail (and terminate) jobs whose worker went silent,
     relaunch interrupted jobs whose instance never announced its end."""
     outcomes = []
-    for job in a.jobs.active(J.ACTIVE):
+    for job in a.jobs.active((J.QUEUED, *J.ACTIVE)):
         d = J.decide_stale(
             job,
             now,

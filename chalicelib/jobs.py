@@ -508,11 +508,17 @@ def decide_stale(
 ) -> Decision | None:
     """The sweep's question for one active job: is it dead? A RUNNING job whose last
     heartbeat is older than ``heartbeat_timeout_s``; a LAUNCHED job that never reported within
-    boot grace plus timeout; an INTERRUPTED job whose instance never announced its end."""
-    if job.terminal or job.state == QUEUED:
+    boot grace plus timeout; an INTERRUPTED job whose instance never announced its end; a QUEUED
+    job never launched within boot grace (a retried POST with its Idempotency-Key launches it
+    before that)."""
+    if job.terminal:
         return None
     last = parse_iso(job.heartbeat_at or job.updated_at)
     age = (now - last).total_seconds()
+    if job.state == QUEUED:  # the submitting call died between recording and launching
+        if age <= boot_grace_s:
+            return None
+        return Decision("fail", f"never launched: queued for {age:.0f} s")
     if job.state == INTERRUPTED:
         if age <= interrupted_grace_s:
             return None

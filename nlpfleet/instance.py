@@ -104,10 +104,27 @@ class Reporter:
     """Writes worker progress to the job record: the first heartbeat moves LAUNCHED → RUNNING,
     later ones at most every ``every_s`` seconds (plus every epoch/eval/checkpoint event)."""
 
-    def __init__(self, store, job_id: str, clock: Callable[[], datetime], every_s: float = 15.0):
+    def __init__(
+        self,
+        store,
+        job_id: str,
+        clock: Callable[[], datetime],
+        every_s: float = 15.0,
+        attempt: int | None = None,
+    ):
         self.store, self.job_id, self.clock, self.every_s = store, job_id, clock, every_s
+        self.attempt = attempt
         self._last = 0.0
         self.cancelled = threading.Event()
+
+    def _current(self, j):
+        """Only the job's current attempt may write: a superseded instance (the job was
+        relaunched elsewhere) is refused like a cancelled one."""
+        from chalicelib.errors import Skip
+
+        if self.attempt is not None and j.attempt != self.attempt:
+            raise Skip(f"attempt {self.attempt} was superseded by attempt {j.attempt}")
+        return j
 
     def __call__(self, event: dict) -> None:
         from chalicelib import jobs as J
@@ -120,8 +137,10 @@ class Reporter:
         progress = {k: v for k, v in event.items() if isinstance(v, int | float | str | bool) or v is None}
         metrics = {k: v for k, v in event.items() if kind == "eval" and isinstance(v, int | float)}
         try:
-            self.store.update(self.job_id, lambda j: J.record_progress(j, progress, self.clock(), metrics))
-        except J.InvalidTransition:
+            self.store.update(
+                self.job_id, lambda j: J.record_progress(self._current(j), progress, self.clock(), metrics)
+            )
+        except (J.InvalidTransition, J.Skip):
             self.cancelled.set()
             raise Cancelled(self.job_id) from None
 
@@ -130,9 +149,10 @@ class Reporter:
 
         try:
             self.store.update(
-                self.job_id, lambda j: J.finish(j, ok=ok, now=self.clock(), result=result, error=error)
+                self.job_id,
+                lambda j: J.finish(self._current(j), ok=ok, now=self.clock(), result=result, error=error),
             )
-        except J.InvalidTransition:
+        except (J.InvalidTransition, J.Skip):
             log.warning("job %s was already finished elsewhere; result not recorded", self.job_id)
 
 
@@ -284,7 +304,7 @@ def run_job(data: dict, clock: Callable[[], datetime] = lambda: datetime.now(UTC
     from chalicelib.jobs_store import JobsStore
 
     store = JobsStore(Clients(data["region"], data.get("endpoint_url")), data["table"])
-    report = Reporter(store, data["job_id"], clock)
+    report = Reporter(store, data["job_id"], clock, attempt=data.get("attempt"))
     s3 = _s3(data)
     try:
         report({"event": "started", "attempt": data.get("attempt", 1)})
@@ -295,6 +315,9 @@ def run_job(data: dict, clock: Callable[[], datetime] = lambda: datetime.now(UTC
     except Exception as e:  # the job's failure is recorded, then the process reports it
         log.exception("job %s failed", data["job_id"])
         report.finish(False, error=f"{type(e).__name__}: {e}")
+        return EXIT_FAILED
+    if report.cancelled.is_set():  # the training worker swallows callback errors: check here
+        log.warning("job %s was cancelled or superseded while running; no result recorded", data["job_id"])
         return EXIT_FAILED
     if status == "interrupted":
         log.warning("job %s interrupted; the next attempt resumes from the last checkpoint", data["job_id"])

@@ -217,3 +217,30 @@ def test_imdsv2_user_data_and_spot_notice_against_a_local_metadata_server():
         assert got == [{"action": "terminate", "time": "2026-11-26T10:07:00Z"}] and not t.is_alive()
     finally:
         srv.shutdown()
+
+
+def test_a_superseded_attempt_cannot_write_to_the_job(aws, client, tmp_path):  # noqa: F811
+    aws["s3"].put_object(Bucket=BUCKET, Key="datasets/s.csv", Body=b"text,label\nhello there,greet\n" * 30)
+    job = post(
+        client, "/jobs", {"type": "preprocess", "input_uri": f"s3://{BUCKET}/datasets/s.csv"}
+    ).json_body
+    first = job["instance"]["instance_id"]
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps(_user_data(aws, first)))
+    aws["ec2"].terminate_instances(InstanceIds=[first])
+    ev = {
+        "version": "0",
+        "id": "e1",
+        "detail-type": "EC2 Instance State-change Notification",
+        "source": "aws.ec2",
+        "account": "123456789012",
+        "time": "2026-11-26T10:00:00Z",
+        "region": REGION,
+        "resources": [],
+        "detail": {"instance-id": first, "state": "terminated"},
+    }
+    assert client.lambda_.invoke("on_ec2_event", ev).payload["outcome"] == "relaunch"
+    # the first instance's worker was not dead after all: its reports are refused
+    assert instance.main(["--user-data", str(old)]) == instance.EXIT_FAILED
+    now = client.http.get(f"/jobs/{job['job_id']}").json_body
+    assert now["state"] == "LAUNCHED" and now["attempt"] == 2 and now["result"] is None

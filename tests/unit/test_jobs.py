@@ -170,3 +170,11 @@ def test_replace_keeps_record_frozen():
     with pytest.raises(AttributeError):
         job.state = J.FAILED  # type: ignore[misc]
     assert replace(job, version=3).version == 3
+
+
+def test_a_job_never_launched_is_failed_by_the_sweep_after_boot_grace():
+    job = J.new_job("j-q", spec(), NOW)
+    kw = dict(heartbeat_timeout_s=600, boot_grace_s=900, interrupted_grace_s=300, max_attempts=3)
+    assert J.decide_stale(job, NOW + timedelta(seconds=800), **kw) is None
+    d = J.decide_stale(job, NOW + timedelta(seconds=1000), **kw)
+    assert d.action == "fail" and "never launched" in d.reason and d.terminate is None
