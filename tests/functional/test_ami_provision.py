@@ -67,24 +67,29 @@ def build_wheel(dest: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> Path:
+    """Provision into DESTDIR from a staging folder laid out as Packer uploads it
+    (ami/ with dist/ holding the wheel and constraints.txt), so the script finds both itself."""
     work = tmp_path_factory.mktemp("ami")
+    staging = work / "nlpfleet-ami"
+    shutil.copytree(REPO / "ami", staging, ignore=shutil.ignore_patterns("dist", "__pycache__"))
     wheel = build_wheel(work)
+    (staging / "dist").mkdir()
+    shutil.copy(wheel, staging / "dist")
+    shutil.copy(REPO / "constraints.txt", staging / "dist" / "constraints.txt")
     destdir = work / "root"
     env = {
         "PATH": os.environ["PATH"],
         "HOME": str(work),
         "DESTDIR": str(destdir),
         "NLPFLEET_VARIANT": "cpu",
-        "NLPFLEET_SRC": str(REPO / "ami"),
-        "NLPFLEET_WHEEL": str(wheel),
-        "NLPFLEET_CONSTRAINTS": str(REPO / "constraints.txt"),
+        "NLPFLEET_SRC": str(staging),
         "NLPFLEET_PYTHON": sys.executable,
         "NLPFLEET_BASE_SITE": sysconfig.get_paths()["purelib"],
         "NLPFLEET_IMAGE_NAME": "nlpfleet-cpu-test",
         "PIP_DISABLE_PIP_VERSION_CHECK": "1",
     }
     r = subprocess.run(
-        ["bash", str(REPO / "ami" / "scripts" / "provision.sh")],
+        ["bash", str(staging / "scripts" / "provision.sh")],
         cwd=work,
         env=env,
         capture_output=True,
@@ -311,3 +316,31 @@ def test_boot_picks_the_inference_role_and_the_installed_unit_serves_the_active_
             proc.kill()
         log.close()
     assert proc.returncode == 0  # SIGTERM drains and exits cleanly (the unit's KillSignal)
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"NLPFLEET_VARIANT": "tpu"}, "NLPFLEET_VARIANT must be gpu or cpu"),
+        ({"NLPFLEET_VARIANT": "cpu"}, "expected one nlpfleet wheel"),
+    ],
+)
+def test_provisioning_refuses_a_bad_variant_or_a_missing_wheel_before_touching_anything(
+    tmp_path, env, message
+):
+    (tmp_path / "staging").mkdir()
+    r = subprocess.run(
+        ["bash", str(REPO / "ami" / "scripts" / "provision.sh")],
+        env={
+            "PATH": os.environ["PATH"],
+            "DESTDIR": str(tmp_path / "root"),
+            "NLPFLEET_SRC": str(tmp_path / "staging"),
+            **env,
+        },  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode != 0
+    assert message in r.stderr
+    assert not (tmp_path / "root").exists()
