@@ -396,3 +396,19 @@ def test_unexpected_errors_are_a_generic_500_outside_dev(aws, monkeypatch):
     with Client(dev.app, stage_name="dev", project_dir=str(REPO)) as c:
         r = c.http.get("/jobs/j-1")
     assert r.status_code == 500 and b"secret internals" in r.body
+
+
+def test_dry_run_records_the_plan_and_launches_nothing(aws):
+    from datetime import UTC, datetime
+
+    from chalicelib import control
+    from chalicelib.settings import Settings
+
+    s = Settings.from_env({"STAGE": "dev", "BUCKET": BUCKET, "DRY_RUN": "true", "AWS_REGION": REGION})
+    a = control.Adapters.from_settings(s)
+    job, created = control.submit(
+        finetune(upload(aws)), job_id="j-dry", settings=s, adapters=a, now=datetime.now(UTC)
+    )
+    assert created and job.state == "QUEUED" and job.plan["candidates"]
+    assert instances(aws) == []
+    assert control.cancel_job("j-dry", s, a, datetime.now(UTC))["state"] == "CANCELLED"
