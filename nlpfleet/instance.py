@@ -34,7 +34,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 log = logging.getLogger("nlpfleet.instance")
-IMDS = os.environ.get("NLPFLEET_IMDS_URL", "http://169.254.169.254")
+IMDS = "http://169.254.169.254"  # NLPFLEET_IMDS_URL overrides (the local stack's IMDSv2 stand-in)
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 3
 
 
@@ -44,7 +44,7 @@ class Cancelled(Exception):
 
 def _imds_get(path: str, timeout_s: float = 2.0, base: str | None = None) -> bytes:
     """IMDSv2: a session token first (PUT), then the GET with it."""
-    base = base or IMDS
+    base = base or os.environ.get("NLPFLEET_IMDS_URL") or IMDS
     req = urllib.request.Request(
         f"{base}/latest/api/token", method="PUT", headers={"X-aws-ec2-metadata-token-ttl-seconds": "300"}
     )
@@ -356,7 +356,9 @@ def main(argv: list[str] | None = None) -> int:
     if data["role"] == "inference":
         return run_inference(data)
     stop = threading.Event()
-    if not args.user_data:  # on EC2: checkpoint as soon as a spot reclaim is announced
+    if not args.user_data or os.environ.get(
+        "NLPFLEET_IMDS_URL"
+    ):  # checkpoint as soon as a reclaim is announced
         watch_spot_notice(lambda _n: os.kill(os.getpid(), signal.SIGTERM), stop)
     try:
         code = run_job(data)
