@@ -51,25 +51,13 @@ def policy(stage: str) -> dict:
         {
             "Sid": "Jobs",  # jobs_store: put_item (conditional), get_item, query (by_state, by_instance), scan
             "Effect": "Allow",
-            "Action": [
-                "dynamodb:GetItem",
-                "dynamodb:PutItem",
-                "dynamodb:UpdateItem",
-                "dynamodb:Query",
-                "dynamodb:Scan",
-            ],
+            "Action": ["dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:Query", "dynamodb:Scan"],
             "Resource": [sub("${JobsTable.Arn}"), sub("${JobsTable.Arn}/index/*")],
         },
         {
-            "Sid": "ScalingState",  # fleet: policy and per-instance records (get/put/delete_item)
+            "Sid": "ScalingState",  # fleet: policy and per-instance records (get/put/delete_item, scan)
             "Effect": "Allow",
-            "Action": [
-                "dynamodb:GetItem",
-                "dynamodb:PutItem",
-                "dynamodb:UpdateItem",
-                "dynamodb:DeleteItem",
-                "dynamodb:Query",
-            ],
+            "Action": ["dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:DeleteItem", "dynamodb:Scan"],
             "Resource": [sub("${ScalingStateTable.Arn}")],
         },
         {
@@ -147,30 +135,20 @@ def policy(stage: str) -> dict:
                 "autoscaling:SetDesiredCapacity",
                 "autoscaling:UpdateAutoScalingGroup",
                 "autoscaling:CompleteLifecycleAction",
-                "autoscaling:RecordLifecycleActionHeartbeat",
             ],
             "Resource": asg,
         },
         {
-            "Sid": "ReadOnlyWithoutResourceScope",  # these APIs support no resource-level permissions
+            # launcher: describe_instances; fleet: describe_auto_scaling_groups, get_metric_data.
+            # These APIs support no resource-level permissions.
+            "Sid": "ReadOnlyWithoutResourceScope",
             "Effect": "Allow",
             "Action": [
                 "ec2:DescribeInstances",
                 "autoscaling:DescribeAutoScalingGroups",
-                "autoscaling:DescribeAutoScalingInstances",
-                "autoscaling:DescribeLifecycleHooks",
                 "cloudwatch:GetMetricData",
-                "cloudwatch:GetMetricStatistics",
-                "elasticloadbalancing:DescribeTargetHealth",
             ],
             "Resource": "*",
-        },
-        {
-            "Sid": "OwnMetrics",  # PutMetricData has no resource scope: the namespace condition is it
-            "Effect": "Allow",
-            "Action": "cloudwatch:PutMetricData",
-            "Resource": "*",
-            "Condition": {"StringLike": {"cloudwatch:namespace": "nlpfleet*"}},
         },
     ]
     return {"Version": "2012-10-17", "Statement": statements}

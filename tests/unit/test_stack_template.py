@@ -377,6 +377,35 @@ def test_lambda_policy_allows_every_aws_call_the_control_plane_makes(stage):
     assert not missing, f"policy-{stage}.json lacks (run infra/lambda_policy.py after adding): {missing}"
 
 
+def _allows_on(doc: dict, action: str, logical_id: str) -> bool:
+    """An Allow statement grants ``action`` on a resource built from ``logical_id``."""
+    for stmt in doc["Statement"]:
+        if stmt["Effect"] != "Allow":
+            continue
+        if not any(fnmatch.fnmatchcase(action.lower(), a.lower()) for a in _listify(stmt["Action"])):
+            continue
+        if any(re.search(rf"\b{logical_id}\b", json.dumps(r)) for r in _listify(stmt["Resource"])):
+            return True
+    return False
+
+
+# Which table each adapter works on (its calls must be allowed on that table, not just somewhere).
+TABLE_OF = {"jobs_store.py": "JobsTable", "fleet.py": "ScalingStateTable"}
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_lambda_policy_allows_each_adapters_table_calls_on_its_own_table(stage):
+    doc = lambda_policy(stage)
+    for module, table in TABLE_OF.items():
+        path = REPO / "chalicelib" / module
+        if not path.exists():
+            continue
+        calls = {op: a for op, a in aws_calls([path]).items() if a[0].startswith("dynamodb:")}
+        assert calls, module
+        missing = [op for op, actions in calls.items() if not any(_allows_on(doc, x, table) for x in actions)]
+        assert not missing, f"policy-{stage}.json: {module} calls {missing} on {table}"
+
+
 def test_lambda_policy_files_are_generated_from_infra_lambda_policy():
     gen = _load_module("lambda_policy", REPO / "infra" / "lambda_policy.py")
     assert gen.main(["--check"]) == 0
