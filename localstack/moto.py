@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import urllib.request
 from collections.abc import Mapping
 
@@ -51,6 +52,7 @@ class MotoServer:
         self.region = region
         self._server = ThreadedMotoServer(ip_address=LOOPBACK, port=port, verbose=False)
         self.endpoint_url: str | None = None
+        self._clients: dict[tuple, object] = {}
 
     def start(self) -> MotoServer:
         # werkzeug logs every request at INFO: far too chatty for a running stack
@@ -80,7 +82,15 @@ class MotoServer:
         return aws_env(self.endpoint_url, self.region)
 
     def client(self, service: str, **kwargs):
-        return client(service, self.env, **kwargs)
+        """A client for ``service``, cached per thread (creating one costs tens of milliseconds
+        of CPU; the stack's pollers ask for one every second)."""
+        if kwargs:
+            return client(service, self.env, **kwargs)
+        key = (service, threading.get_ident(), self.endpoint_url)
+        c = self._clients.get(key)
+        if c is None:
+            c = self._clients[key] = client(service, self.env)
+        return c
 
     def __enter__(self) -> MotoServer:
         return self.start()

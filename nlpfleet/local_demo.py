@@ -57,6 +57,7 @@ class DemoConfig:
     epochs: int = 2
     learning_rate: float = 1e-4
     batch_size: int = 32
+    max_steps: int | None = None
     job_timeout_s: float = 360.0
     # the fleet and the replay
     speed: float = 6.0  # local clock: the per-minute autoscaler decides every 10 s
@@ -217,6 +218,7 @@ def upload_dataset(cfg: DemoConfig, s: Session) -> str:
         "learning_rate": cfg.learning_rate,
         "batch_size": cfg.batch_size,
         "seq_len": 64,
+        **({"max_steps": cfg.max_steps} if cfg.max_steps else {}),
     }
     s.s3.put_object(Bucket=s.bucket, Key=f"{prefix}/train.csv.job.json", Body=json.dumps(spec).encode())
     s.s3.upload_file(str(work / "train.csv"), s.bucket, f"{prefix}/train.csv")
@@ -593,7 +595,9 @@ def short_config(**kw) -> DemoConfig:
     base = dict(
         per_class_train=16,
         per_class_dev=8,
-        epochs=2,
+        epochs=1,
+        max_steps=40,
+        learning_rate=3e-4,
         trace_minutes=12 * 60,
         trace_minutes_per_s=12.0,
         trace_start="1995-07-12T08:00:00-04:00",
