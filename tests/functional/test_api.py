@@ -381,7 +381,7 @@ def test_prod_requires_iam_auth_on_every_route_and_dev_does_not(monkeypatch):
     assert "sigv4" in doc.get("securityDefinitions", {}) or True
 
 
-def test_unexpected_errors_are_a_generic_500_outside_dev(aws, monkeypatch):
+def test_unexpected_errors_are_a_generic_500_outside_dev(aws, monkeypatch, capsys):
     from chalicelib import control
 
     def boom(*a, **k):
@@ -392,6 +392,8 @@ def test_unexpected_errors_are_a_generic_500_outside_dev(aws, monkeypatch):
     with Client(prod.app, stage_name="prod", project_dir=str(REPO)) as c:
         r = c.http.get("/jobs/j-1")
     assert r.status_code == 500 and b"secret internals" not in r.body and b"Traceback" not in r.body
+    log = capsys.readouterr().out  # chalice's app logger writes to stdout (CloudWatch Logs on Lambda)
+    assert "RuntimeError: secret internals" in log and "Traceback" in log
     dev = _load_app(monkeypatch, "dev")
     with Client(dev.app, stage_name="dev", project_dir=str(REPO)) as c:
         r = c.http.get("/jobs/j-1")
