@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import fnmatch
+import functools
 import importlib.util
 import json
 import re
@@ -334,6 +335,7 @@ TRANSFER = {"upload_file": ["s3:PutObject"], "upload_fileobj": ["s3:PutObject"],
             "download_file": ["s3:GetObject"], "download_fileobj": ["s3:GetObject"]}  # fmt: skip
 
 
+@functools.cache
 def _operation_index() -> dict[str, list[str]]:
     session = botocore.session.get_session()
     index: dict[str, list[str]] = {}
