@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,7 @@ def _tool(name: str) -> str:
 def _run(*cmd: str) -> subprocess.CompletedProcess:
     # packer validate runs offline and needs no AWS credentials; CHECKPOINT_DISABLE keeps it from
     # asking HashiCorp for a newer version.
-    env = {"PATH": "/usr/bin:/bin", "CHECKPOINT_DISABLE": "1", "HOME": str(REPO)}
+    env = {"PATH": "/usr/bin:/bin", "CHECKPOINT_DISABLE": "1", "HOME": tempfile.gettempdir()}
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
 
 
