@@ -51,24 +51,27 @@ class BootError(RuntimeError):
     """The instance cannot take a role: the message says why (it lands in the journal)."""
 
 
-def fetch_user_data(timeout_s: float = 2.0, tries: int = 5, sleep=time.sleep) -> bytes:
+def fetch_user_data(base_url: str = IMDS, timeout_s: float = 2.0, tries: int = 5, sleep=time.sleep) -> bytes:
     """User data over IMDSv2 (session token first: the launch templates require it)."""
     last: Exception | None = None
     for attempt in range(tries):
+        if attempt:
+            sleep(min(2**attempt, 10))
         try:
             req = urllib.request.Request(
-                f"{IMDS}/latest/api/token",
+                f"{base_url}/latest/api/token",
                 method="PUT",
                 headers={"X-aws-ec2-metadata-token-ttl-seconds": "300"},
             )
-            token = urllib.request.urlopen(req, timeout=timeout_s).read().decode()
+            with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+                token = resp.read().decode()
             req = urllib.request.Request(
-                f"{IMDS}/latest/user-data", headers={"X-aws-ec2-metadata-token": token}
+                f"{base_url}/latest/user-data", headers={"X-aws-ec2-metadata-token": token}
             )
-            return urllib.request.urlopen(req, timeout=timeout_s).read()
-        except OSError as exc:  # URLError is an OSError
+            with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+                return resp.read()
+        except OSError as exc:  # URLError and HTTPError are OSErrors
             last = exc
-            sleep(min(2**attempt, 10))
     raise BootError(f"no user data from IMDSv2 after {tries} tries: {last}")
 
 
@@ -200,11 +203,12 @@ def start(role: str, root: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="nlpfleet-boot", description=__doc__.splitlines()[0])
     ap.add_argument("--user-data", type=Path, help="read the launch contract from FILE, not IMDSv2")
+    ap.add_argument("--imds-url", default=IMDS, help=argparse.SUPPRESS)
     ap.add_argument("--root", type=Path, default=Path("/"), help="filesystem root to write under")
     ap.add_argument("--no-start", action="store_true", help="write the configuration, start nothing")
     args = ap.parse_args(argv)
     try:
-        raw = args.user_data.read_bytes() if args.user_data else fetch_user_data()
+        raw = args.user_data.read_bytes() if args.user_data else fetch_user_data(args.imds_url)
         doc = parse_user_data(raw)
         model = None
         if doc["role"] == "inference":

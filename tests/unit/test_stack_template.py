@@ -474,3 +474,45 @@ def test_inference_instance_role_allows_the_server_and_agent_calls_and_model_fet
     assert not missing, f"InferenceInstanceRole lacks: {missing}"
     # an inference instance can never write to the bucket or the job table
     assert not any(allows(doc, a) for a in ("s3:PutObject", "s3:DeleteObject", "dynamodb:PutItem"))
+
+
+def test_image_reads_user_data_only_through_an_imdsv2_session(tmp_path):
+    """nlpfleet-boot asks IMDS for a session token first (the launch templates refuse IMDSv1)."""
+    import http.server
+    import threading
+
+    boot = _load_module("nlpfleet_boot", REPO / "ami" / "files" / "nlpfleet-boot.py")
+    body = b'{"role": "inference"}'
+    seen = []
+
+    class Imds(http.server.BaseHTTPRequestHandler):
+        def do_PUT(self):
+            seen.append(("PUT", self.path, self.headers.get("X-aws-ec2-metadata-token-ttl-seconds")))
+            self._send(200, b"tok-1")
+
+        def do_GET(self):
+            seen.append(("GET", self.path, self.headers.get("X-aws-ec2-metadata-token")))
+            ok = (
+                self.headers.get("X-aws-ec2-metadata-token") == "tok-1"
+            )  # IMDSv2 only, like HttpTokens=required
+            self._send(200 if ok else 401, body if ok else b"")
+
+        def _send(self, code, data):
+            self.send_response(code)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Imds)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        assert boot.fetch_user_data(url, sleep=lambda s: None) == body
+        assert seen == [("PUT", "/latest/api/token", "300"), ("GET", "/latest/user-data", "tok-1")]
+    finally:
+        server.shutdown()
+    with pytest.raises(boot.BootError, match="after 2 tries"):
+        boot.fetch_user_data(url, timeout_s=0.5, tries=2, sleep=lambda s: None)  # nobody listening
