@@ -108,7 +108,9 @@ class Model(Protocol):
 
     def encode(self, texts: list[str]) -> list[Any]: ...  # items with .ids and .truncated
 
-    def predict(self, batch_ids: list[list[int]], top_ks: list[int]) -> list[dict]: ...
+    def pad(self, batch_ids: list[list[int]]) -> Any: ...  # the session's inputs for a batch
+
+    def predict_padded(self, padded: Any, top_ks: list[int]) -> list[dict]: ...
 
 
 class BatchMetrics(Protocol):
@@ -145,6 +147,7 @@ class _Batch:
     model: Model
     items: list[_Item]
     padded_tokens: int
+    inputs: Any = None  # padded arrays, built before the runner takes the batch
 
 
 class Batcher:
@@ -294,19 +297,27 @@ class Batcher:
             items = [self._ready[i] for i in sorted(picked)]
             self._ready = [it for i, it in enumerate(self._ready) if i not in picked]
             longest = max(len(it.ids) for it in items)
+            batch = _Batch(model, items, longest * len(items))
+            try:
+                batch.inputs = model.pad([it.ids for it in items])
+            except Exception:
+                log.exception("padding a batch failed")  # left to the runner, which reports it
             # Waits here while the previous batch still runs: this one is ready to go.
-            await self._prepared.put(_Batch(model, items, longest * len(items)))
+            await self._prepared.put(batch)
 
     async def _run_loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             batch = await self._prepared.get()
             self._add_queued(-len(batch.items))
-            ids = [it.ids for it in batch.items]
             top_ks = [it.request.top_k for it in batch.items]
             t0 = time.perf_counter()
             try:
-                results = await loop.run_in_executor(self._run_pool, batch.model.predict, ids, top_ks)
+                if batch.inputs is None:
+                    raise RuntimeError("the batch could not be padded")
+                results = await loop.run_in_executor(
+                    self._run_pool, batch.model.predict_padded, batch.inputs, top_ks
+                )
                 if len(results) != len(batch.items):
                     raise RuntimeError(f"model returned {len(results)} results for {len(batch.items)} texts")
             except Exception as e:

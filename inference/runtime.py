@@ -94,8 +94,8 @@ class Classifier:
         encs = self.tokenizer.encode_batch(list(texts))
         return [Encoded(e.ids, bool(e.overflowing)) for e in encs]
 
-    def logits(self, batch_ids: Sequence[Sequence[int]]) -> np.ndarray:
-        """Pad to the longest sequence and run the session; float32 logits (batch, labels)."""
+    def pad(self, batch_ids: Sequence[Sequence[int]]) -> dict[str, np.ndarray]:
+        """The session's inputs for a batch: ids padded to the longest sequence, and the mask."""
         longest = max(len(x) for x in batch_ids)
         ids = np.full((len(batch_ids), longest), self.pad_id, dtype=np.int64)
         mask = np.zeros((len(batch_ids), longest), dtype=np.int64)
@@ -103,7 +103,10 @@ class Classifier:
             ids[j, : len(x)] = x
             mask[j, : len(x)] = 1
         feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
-        feeds = {k: v for k, v in feeds.items() if k in self.input_names}
+        return {k: v for k, v in feeds.items() if k in self.input_names}
+
+    def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        """Run the session on padded inputs; float32 logits (batch, labels)."""
         if self.io_binding:
             # Inputs copied to the device once, output left there until the single copy back.
             binding = self.session.io_binding()
@@ -116,9 +119,15 @@ class Classifier:
             out = self.session.run([self.output_name], feeds)[0]
         return np.asarray(out, dtype=np.float32)
 
+    def logits(self, batch_ids: Sequence[Sequence[int]]) -> np.ndarray:
+        return self.run(self.pad(batch_ids))
+
     def predict(self, batch_ids: Sequence[Sequence[int]], top_ks: Sequence[int]) -> list[dict]:
         """One result per sequence: the best label and score, and the ``top_k`` best."""
-        z = self.logits(batch_ids)
+        return self.predict_padded(self.pad(batch_ids), top_ks)
+
+    def predict_padded(self, feeds: dict[str, np.ndarray], top_ks: Sequence[int]) -> list[dict]:
+        z = self.run(feeds)
         z = z - z.max(axis=1, keepdims=True)
         p = np.exp(z)
         p /= p.sum(axis=1, keepdims=True)

@@ -275,7 +275,7 @@ def test_backend_failure_is_a_500_for_the_batch_and_the_server_recovers(server, 
     def broken(*a, **k):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
-    monkeypatch.setattr(model, "predict", broken)
+    monkeypatch.setattr(model, "predict_padded", broken)
     r = httpx.post(base + "/v1/classify", json={"inputs": ["top up failed"]})
     assert r.status_code == 500
     assert r.json()["error"]["kind"] == "backend" and "illegal memory access" in r.json()["error"]["message"]
