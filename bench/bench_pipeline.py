@@ -45,7 +45,31 @@ def parse_args(argv=None):
     p.add_argument("--freeze-embeddings", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="a 20-per-label slice, 1 epoch: checks the script")
+    p.add_argument(
+        "--reuse-training",
+        action="store_true",
+        help="skip training: export and measure the model a previous run left in --work (its recorded "
+        "training time is reported)",
+    )
     return p.parse_args(argv)
+
+
+def _previous_result(config):
+    """The TrainResult of an earlier run in the same --work (model + train_result.json)."""
+    import csv
+
+    from training.worker import TrainResult
+
+    saved = json.loads((Path(config.output_dir) / "train_result.json").read_text())
+    saved.pop("heldout_texts", None)
+    labels = saved["labels"]
+    with open(config.dev, newline="", encoding="utf-8") as f:
+        dev = list(csv.DictReader(f))
+    return TrainResult(
+        **saved,
+        heldout_texts=[r["text"] for r in dev],
+        heldout_labels=[labels.index(r[config.label_column]) for r in dev],
+    )
 
 
 def main(argv=None) -> int:
@@ -94,9 +118,13 @@ def main(argv=None) -> int:
         resume=False,
     )
     try:
-        t0 = time.perf_counter()
-        result = train(config)
-        train_s = time.perf_counter() - t0
+        if args.reuse_training:
+            result = _previous_result(config)
+            train_s = result.train_time_s
+        else:
+            t0 = time.perf_counter()
+            result = train(config)
+            train_s = time.perf_counter() - t0
     except DataError as e:
         print(f"bench_pipeline: {e}", file=sys.stderr)
         return 2
