@@ -96,6 +96,12 @@ variable "extra_pip_args" {
   description = "Extra arguments for pip on the build instance (e.g. an internal index)."
 }
 
+variable "tensorrt_pip" {
+  type        = string
+  default     = ""
+  description = "GPU images: pip requirement for TensorRT libraries matching onnxruntime-gpu's build; empty uses the base image's TensorRT if any (CUDA is the fallback provider)."
+}
+
 locals {
   timestamp          = formatdate("YYYYMMDD-hhmmss", timestamp())
   source_ami_name    = var.variant == "gpu" ? var.gpu_source_ami_name : var.cpu_source_ami_name
@@ -180,6 +186,7 @@ build {
       "NLPFLEET_SRC=${local.remote_staging_dir}",
       "NLPFLEET_IMAGE_NAME=${local.ami_name}",
       "NLPFLEET_PIP_ARGS=${var.extra_pip_args}",
+      "NLPFLEET_TENSORRT=${var.tensorrt_pip}",
     ]
     script = "${path.root}/scripts/provision.sh"
   }
