@@ -1,6 +1,7 @@
 """The control plane's HTTP API end to end: chalice.test.Client against moto."""
 
 import base64
+import functools
 import importlib.util
 import json
 import sys
@@ -28,6 +29,11 @@ BUCKET, TABLE, LT, ASG, PROFILE = (
 REGION = "us-east-1"
 
 
+@functools.cache
+def _boto3_session():
+    return boto3.Session()
+
+
 @pytest.fixture
 def aws(monkeypatch):
     for k, v in {
@@ -35,9 +41,14 @@ def aws(monkeypatch):
         "AWS_SECRET_ACCESS_KEY": "testing",
         "AWS_DEFAULT_REGION": REGION,
         "AWS_REGION": REGION,
+        # moto loads thousands of public AMIs per test otherwise; the launch template names its own
+        "MOTO_EC2_LOAD_DEFAULT_AMIS": "false",
     }.items():
         monkeypatch.setenv(k, v)
     with mock_aws():
+        # moto resets boto3's default session for each test, and a new session parses every
+        # service model's JSON again (~1 s for EC2); share one session across tests.
+        boto3.DEFAULT_SESSION = _boto3_session()
         s3 = boto3.client("s3", region_name=REGION)
         s3.create_bucket(Bucket=BUCKET)
         s3.put_bucket_versioning(Bucket=BUCKET, VersioningConfiguration={"Status": "Enabled"})
