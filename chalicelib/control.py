@@ -419,7 +419,10 @@ def _job_for_instance(instance_id: str, a: Adapters) -> J.Job:
         job_id = a.ec2.job_id_of(instance_id)
         if job_id is None:
             raise Skip(f"instance {instance_id} is not a job instance")
-        job = a.jobs.get(job_id)
+        try:
+            job = a.jobs.get(job_id)
+        except JobNotFound:  # another stage's job: every stage's rule sees the account's events
+            raise Skip(f"job {job_id} of instance {instance_id} is not in this stage's table") from None
     return job
 
 
@@ -506,6 +509,8 @@ def _default_model_name(key: str) -> str:
 def handle_s3(raw: dict, s: Settings, a: Adapters, now: datetime) -> dict:
     ev = parse_event(raw)
     assert isinstance(ev, ObjectCreated)
+    if s.bucket and ev.bucket != s.bucket:
+        raise Skip(f"bucket {ev.bucket} is not this stage's bucket {s.bucket}")
     if ev.kind == "manifest":
         return _record_manifest(ev, s, a)
     sidecar_key = ev.key + ".job.json"

@@ -302,3 +302,17 @@ def test_real_s3_to_eventbridge_delivery_matches_the_handler_pattern(aws, client
     out = client.lambda_.invoke("on_object_created", delivered).payload
     assert out["outcome"] == "created", out
     assert get(client, out["job_id"])["spec"]["input_uri"] == f"s3://{BUCKET}/datasets/tickets.csv"
+
+
+def test_events_from_another_stage_or_bucket_are_skipped(aws, client):
+    other = aws["ec2"].run_instances(
+        ImageId="ami-12c6146b",
+        MinCount=1,
+        MaxCount=1,
+        TagSpecifications=[
+            {"ResourceType": "instance", "Tags": [{"Key": "nlpfleet:job-id", "Value": "j-prod-1"}]}
+        ],
+    )["Instances"][0]["InstanceId"]
+    assert ec2_event(client, other, "terminated")["outcome"] == "skip"
+    ev = sample("s3_object_created_dataset.json", bucket={"name": "someone-elses-bucket"})
+    assert client.lambda_.invoke("on_object_created", ev).payload["outcome"] == "skip"
