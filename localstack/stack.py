@@ -545,6 +545,11 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         handlers=[logging.FileHandler(cfg.state_dir / "stack.log")],
     )
+    # the control plane's own log lines (Chalice's app logger does not propagate): on AWS they
+    # are the functions' CloudWatch Logs, here they join the stack log
+    app_log_handler = logging.FileHandler(cfg.state_dir / "stack.log")
+    app_log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger("nlpfleet").addHandler(app_log_handler)
     for noisy in ("werkzeug", "botocore", "urllib3", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

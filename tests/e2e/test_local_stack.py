@@ -1,16 +1,14 @@
-"""The local stack as a user drives it: ``nlpfleet up``, the API over HTTP, a dataset upload that
-becomes a job through S3 → EventBridge → SQS → the real handler, ``nlpfleet down``."""
+"""The local stack as a user drives it with the ``nlpfleet`` CLI: ``up``, uploads, a job submitted
+over the API and followed to its end, the fleet and model views, ``down`` leaving nothing."""
 
 import json
 import os
 import subprocess
 import sys
-import time
+from pathlib import Path
 
 import httpx
 import pytest
-
-from localstack.moto import aws_env, client
 
 
 def cli(state_dir, *args, check=True):
@@ -18,7 +16,7 @@ def cli(state_dir, *args, check=True):
         [sys.executable, "-m", "nlpfleet.cli", "--state-dir", str(state_dir), *args],
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=300,
     )
     if check and proc.returncode != 0:
         raise AssertionError(
@@ -32,68 +30,67 @@ def alive(pid):
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     sd = tmp_path_factory.mktemp("stack")
-    cli(sd, "up")
+    out = cli(sd, "up").stdout
+    assert "local stack up" in out
     st = json.loads((sd / "stack.json").read_text())
     yield sd, st
     cli(sd, "down", check=False)
 
 
-def wait_for(fn, timeout=60.0, interval=0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = fn()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError("condition not met in time")
-
-
-def test_upload_creates_one_job_even_when_the_event_is_duplicated(stack, tmp_path, data_dir):
+def test_submit_watch_and_views(stack, tmp_path, data_dir):
     sd, st = stack
-    assert httpx.get(st["api_url"] + "/jobs").json()["jobs"] == []
     rows = (data_dir / "banking77" / "train.csv").read_text().splitlines()
-    (tmp_path / "train.csv").write_text("\n".join(rows[:200]) + "\n")
-    spec = tmp_path / "spec.json"
-    spec.write_text(
-        json.dumps({"type": "finetune", "model_name": "bank-small", "epochs": 1, "label_field": "category"})
+    (tmp_path / "small.csv").write_text("\n".join(rows[:300]) + "\n")
+    # outside datasets/: uploading it makes no job
+    cli(sd, "upload", str(tmp_path / "small.csv"), "--prefix", "raw/small", "--train-file", "small.csv")
+    assert json.loads(cli(sd, "status", "--json").stdout) == []
+
+    bucket = st["environment"]["BUCKET"]
+    planned = json.loads(
+        cli(
+            sd, "plan", "--set", "type=preprocess", "--set", f"input_uri=s3://{bucket}/raw/small/small.csv"
+        ).stdout
     )
-    cli(sd, "upload", str(tmp_path / "train.csv"), "--prefix", "datasets/small", "--spec", str(spec))
+    assert planned  # the planner's answer, as the API gives it
 
-    jobs = wait_for(lambda: httpx.get(st["api_url"] + "/jobs").json()["jobs"])
-    assert len(jobs) == 1
-    job = jobs[0]
-    assert job["source"]["key"] == "datasets/small/train.csv"
-    assert job["source"]["spec_from"].endswith("train.csv.job.json")
+    bad = cli(sd, "submit", "--set", "type=finetune", check=False)
+    assert bad.returncode == 2 and "400" in bad.stderr  # refused with the API's reason
 
-    # S3 delivers at least once: the same event again (as the dispatcher saw it) makes no new job
-    state = httpx.get(st["admin_url"] + "/local/state").json()
-    route = state["dispatcher"]["OnObjectCreated"]
-    event = next(e for e in route["recent"] if e["detail"]["object"]["key"] == "datasets/small/train.csv")
-    sqs = client("sqs", aws_env(st["endpoint_url"]))
-    sqs.send_message(QueueUrl=route["queue_url"], MessageBody=json.dumps(event))
-    wait_for(
-        lambda: (
-            httpx.get(st["admin_url"] + "/local/state").json()["dispatcher"]["OnObjectCreated"]["invocations"]
-            > route["invocations"]
-        )
-    )
-    assert [j["job_id"] for j in httpx.get(st["api_url"] + "/jobs").json()["jobs"]] == [job["job_id"]]
+    out = cli(
+        sd,
+        "submit",
+        "--json",
+        "--set",
+        "type=preprocess",
+        "--set",
+        f"input_uri=s3://{bucket}/raw/small/small.csv",
+        "--set",
+        "label_field=category",
+    ).stdout
+    job_id = json.loads(out)["job_id"]
+    watch = cli(sd, "status", job_id, "--watch", "--interval", "1")
+    assert "SUCCEEDED" in watch.stdout
+    job = json.loads(cli(sd, "status", job_id, "--json").stdout)
+    assert job["state"] == "SUCCEEDED" and job["result"]
 
-    out = cli(sd, "status", "--json").stdout
-    assert json.loads(out)[0]["job_id"] == job["job_id"]
+    assert "group nlpfleet-dev-inference" in cli(sd, "fleet").stdout
+    assert json.loads(cli(sd, "models", "--json").stdout)["models"] == []
+    assert job_id in cli(sd, "logs", "-n", "400").stdout  # the handlers' decisions are in the stack log
 
 
 def test_down_leaves_no_process(stack):
     sd, st = stack
-    pids = [st["pid"]] + [
-        i["pid"] for i in httpx.get(st["admin_url"] + "/local/state").json()["instances"] if i["pid"]
-    ]
+    state = httpx.get(st["admin_url"] + "/local/state").json()
+    pids = [st["pid"]] + [i["pid"] for i in state["instances"] if i["pid"]]
     cli(sd, "down")
     assert not any(alive(p) for p in pids)
     assert not (sd / "stack.json").exists()
