@@ -142,6 +142,46 @@ def raw_session(
     return out
 
 
+def batcher_in_process(artifact: Path, texts: list[str], *, clients: int, seconds: float) -> dict:
+    """The server's batching pipeline (``inference.batching.Batcher``) without HTTP: ``clients``
+    coroutines each submitting one text at a time. Separates the cost of batching from the cost
+    of the HTTP layer."""
+    from inference.batching import Batcher
+    from inference.runtime import load_classifier
+    from inference.serve_settings import Settings
+
+    clf = load_classifier(artifact, max_tokens_per_text=128)
+    clf.warmup(1, 32)
+    budget = Settings.from_env({"NLPFLEET_MODEL": str(artifact)}).batch_tokens_for(
+        clf.providers_in_use[0], clf.max_tokens
+    )
+
+    async def run() -> dict:
+        b = Batcher(max_batch_size=32, max_batch_tokens=budget, max_wait_ms=2.0)
+        b.start()
+        n = 0
+        stop_at = time.perf_counter() + seconds
+
+        async def client(i: int) -> None:
+            nonlocal n
+            k = i
+            while time.perf_counter() < stop_at:
+                await b.submit(clf, [texts[k % len(texts)]])
+                n += 1
+                k += clients
+
+        c0, t0 = time.process_time(), time.perf_counter()
+        await asyncio.gather(*(client(i) for i in range(clients)))
+        out = {
+            "texts_per_s": n / (time.perf_counter() - t0),
+            "cpu_ms_per_text": (time.process_time() - c0) * 1000 / n,
+        }
+        await b.stop()
+        return out
+
+    return asyncio.run(run())
+
+
 # ---- (1) the naive server -------------------------------------------------------------------
 
 
@@ -396,15 +436,8 @@ def paired_rounds(
     kept: the CPU is shared with other work whose load drifts over minutes, and alternating
     short rounds exposes every system to the same drift, so the ratios hold even when the
     absolute numbers move. CPU time per text is recorded too (whole server process, all threads)."""
-    keys = (
-        "raw_sorted",
-        "raw_arrival",
-        "naive",
-        "server",
-        "raw_sorted_cpu_ms",
-        "naive_cpu_ms",
-        "server_cpu_ms",
-    )
+    keys = ("raw_sorted", "raw_arrival", "batcher", "naive", "server",
+            "raw_sorted_cpu_ms", "batcher_cpu_ms", "naive_cpu_ms", "server_cpu_ms")  # fmt: skip
     per: dict[str, list[float]] = {k: [] for k in keys}
 
     def http_round(name: str, concurrency: int) -> None:
@@ -424,10 +457,13 @@ def paired_rounds(
         per["raw_sorted"].append(best["sorted"])
         per["raw_sorted_cpu_ms"].append(best["sorted_cpu_ms_per_text"])
         per["raw_arrival"].append(max(r["arrival"] for r in raws))
+        bat = batcher_in_process(artifact, texts, clients=64, seconds=secs)
+        per["batcher"].append(bat["texts_per_s"])
+        per["batcher_cpu_ms"].append(bat["cpu_ms_per_text"])
         # Naive at a small concurrency (it serialises anyway); the server with a deep queue.
         http_round("naive", 4)
         http_round("server", 64)
-        print(f"  round {i + 1}: raw sorted {per['raw_sorted'][-1]:.0f} texts/s ({per['raw_sorted_cpu_ms'][-1]:.2f} CPU ms/text), raw arrival {per['raw_arrival'][-1]:.0f}, naive {per['naive'][-1]:.0f} req/s ({per['naive_cpu_ms'][-1]:.2f}), server {per['server'][-1]:.0f} req/s ({per['server_cpu_ms'][-1]:.2f}), load {os.getloadavg()[0]:.1f}", flush=True)  # fmt: skip
+        print(f"  round {i + 1}: raw sorted {per['raw_sorted'][-1]:.0f} texts/s ({per['raw_sorted_cpu_ms'][-1]:.2f} CPU ms/text), raw arrival {per['raw_arrival'][-1]:.0f}, batcher {per['batcher'][-1]:.0f} ({per['batcher_cpu_ms'][-1]:.2f}), naive {per['naive'][-1]:.0f} req/s ({per['naive_cpu_ms'][-1]:.2f}), server {per['server'][-1]:.0f} req/s ({per['server_cpu_ms'][-1]:.2f}), load {os.getloadavg()[0]:.1f}", flush=True)  # fmt: skip
     med = {k: statistics.median(v) for k, v in per.items()}
     return {"rounds": per, "median": med, "variant": raws[0]["variant"], "provider": raws[0]["provider"]}
 
@@ -498,6 +534,7 @@ def main(argv: list[str] | None = None) -> int:
         "server_vs_naive_throughput": med["server"] / med["naive"],
         "server_vs_raw_sorted": med["server"] / med["raw_sorted"],
         "server_vs_raw_arrival": med["server"] / med["raw_arrival"],
+        "batcher_vs_raw_sorted": med["batcher"] / med["raw_sorted"],
         # CPU time per text: less sensitive to the other work sharing the CPU than wall time.
         "raw_cpu_vs_server_cpu_per_text": med["raw_sorted_cpu_ms"] / med["server_cpu_ms"],
         "naive_cpu_vs_server_cpu_per_text": med["naive_cpu_ms"] / med["server_cpu_ms"],
@@ -527,8 +564,9 @@ def print_tables(r: dict) -> None:
     print(f"| naive: PyTorch pipeline, one request at a time | {med['naive']:.0f} req/s | {naive['sustained_rate_p99_100ms']} req/s |")  # fmt: skip
     print(f"| raw ONNX Runtime session, length-sorted batches of 32, no HTTP | {med['raw_sorted']:.0f} texts/s | - |")  # fmt: skip
     print(f"| raw ONNX Runtime session, arrival-order batches of 32, no HTTP | {med['raw_arrival']:.0f} texts/s | - |")  # fmt: skip
+    print(f"| the server's batcher in-process (64 clients, one text each), no HTTP | {med['batcher']:.0f} texts/s | - |")  # fmt: skip
     print(f"| this server | {med['server']:.0f} req/s | {server['sustained_rate_p99_100ms']} req/s |")
-    print(f"\nCPU time per text (medians; server and naive: their whole process incl. HTTP, excluding the load generator): raw sorted {med['raw_sorted_cpu_ms']:.2f} ms, server {med['server_cpu_ms']:.2f} ms, naive {med['naive_cpu_ms']:.2f} ms")  # fmt: skip
+    print(f"\nCPU time per text (medians; server and naive: their whole process incl. HTTP, excluding the load generator): raw sorted {med['raw_sorted_cpu_ms']:.2f} ms, batcher in-process {med['batcher_cpu_ms']:.2f} ms, server {med['server_cpu_ms']:.2f} ms, naive {med['naive_cpu_ms']:.2f} ms")  # fmt: skip
     print("\n## Latency at fixed Poisson arrival rates (open loop)\n")
     print("| rate (req/s) | naive p50 / p99 (ms) | server p50 / p99 (ms) |")
     print("| --- | --- | --- |")
@@ -548,6 +586,9 @@ def print_tables(r: dict) -> None:
     print("\n## Against the goals\n")
     print(f"- server / naive throughput: {ratios['server_vs_naive_throughput']:.1f}x (goal >= 4x); at p99 <= 100 ms: " + (f"{sus:.1f}x" if sus else "naive never met p99 <= 100 ms"))  # fmt: skip
     print(f"- server / raw session, sorted batches: {ratios['server_vs_raw_sorted']:.0%} (goal >= 85%); arrival-order batches: {ratios['server_vs_raw_arrival']:.0%}")  # fmt: skip
+    print(
+        f"- the batcher alone (no HTTP) / raw session, sorted batches: {ratios['batcher_vs_raw_sorted']:.0%}"
+    )
     print(f"- CPU efficiency, raw CPU ms per text / server CPU ms per text: {ratios['raw_cpu_vs_server_cpu_per_text']:.0%}; naive / server: {ratios['naive_cpu_vs_server_cpu_per_text']:.1f}x")  # fmt: skip
     print(f"\nwhole benchmark: {r['wall_s']:.0f} s")
 
