@@ -48,16 +48,19 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from chalicelib.scaling import (  # noqa: E402
+    POLICIES,
+    Decision,
     FleetCounts,
     MinuteMetrics,
     PolicyInput,
     PolicyState,
+    apply_bounds,
     decide,
+    load_units,
 )
 from chalicelib.scaling_settings import ScalingSettings  # noqa: E402
 
 DEFAULT_TRACE = REPO.parent / "shared" / "data" / "nasa_http_jul95" / "requests_per_minute.csv"
-POLICY_NAMES = ("static", "step", "target_tracking", "predictive", "oracle")
 
 
 @dataclass(frozen=True)
@@ -69,7 +72,10 @@ class SimConfig:
     metric_delay_min: int = 1
     period_min: int = 1
     window_min: int = 30
-    target_utilization: float = 0.8
+    target_utilization: float = 0.95
+    # AWS-style target tracking is shown at these utilizations (the first is also the step
+    # policy's): the project's target, and one low enough to approach its miss rate
+    tt_utilizations: tuple[float, ...] = (0.95, 0.5)
     max_size: int = 40
     min_size: int = 1
 
@@ -147,8 +153,7 @@ def simulate(
     """Replay ``demand`` (requests per minute) against a simulated ASG driven by ``policy``."""
     n = len(t)
     cap_rpm = cfg.capacity_rps * 60.0
-    need = needed_instances(demand, cfg)
-    start = max(int(need[0]), cfg.min_size)
+    start = max(int(needed_instances(demand[:1], cfg)[0]), cfg.min_size)
     ready_n = start
     boots: list[int] = []  # minute at which each pending instance becomes ready
     desired = start
@@ -205,8 +210,18 @@ def simulate(
                 instances=ready_n,
             )
         )
-    del need
     return Run(policy, ready_arr, desired_arr, instance_minutes)
+
+
+def decide_peak_rule(inp: PolicyInput, state: PolicyState, s: ScalingSettings, now: float) -> Decision:
+    """The issue's calibration baseline (not a product policy): the peak of the last 30 visible
+    minutes plus 20 % headroom, in instances at full capacity (run it with utilization 1.0)."""
+    peak = max((load_units(m, s.target_inflight_per_instance) for m in inp.metrics[-30:]), default=0.0)
+    desired = apply_bounds(math.ceil(peak * 1.2 - 1e-9), inp.fleet, inp.scheduled_floor)
+    return Decision(desired, "peak of 30 min + 20 %", state, {})
+
+
+POLICIES.setdefault("peak30+20%", decide_peak_rule)
 
 
 def settings_for(cfg: SimConfig, **overrides) -> ScalingSettings:
@@ -225,20 +240,26 @@ def settings_for(cfg: SimConfig, **overrides) -> ScalingSettings:
     return replace(base, **overrides)
 
 
-def evaluate(t: np.ndarray, requests: np.ndarray, cfg: SimConfig, settings: ScalingSettings) -> dict:
+def evaluate(t: np.ndarray, requests: np.ndarray, cfg: SimConfig) -> dict:
     factor = scale_factor(requests, cfg)
     demand = requests * factor
     need = needed_instances(demand, cfg)
     runs: dict[str, Run] = {}
     peak = int(need.max())
     runs["static"] = Run("static", np.full(len(t), peak), np.full(len(t), peak), float(peak * len(t)))
-    for name in ("step", "target_tracking", "predictive"):
-        runs[name] = simulate(name, t, demand, cfg, settings)
+    runs["step"] = simulate(
+        "step", t, demand, cfg, settings_for(replace(cfg, target_utilization=cfg.tt_utilizations[0]))
+    )
+    for u in cfg.tt_utilizations:
+        tt_cfg = replace(cfg, target_utilization=u)
+        runs[f"target_tracking@{u:g}"] = simulate("target_tracking", t, demand, tt_cfg, settings_for(tt_cfg))
+    full = replace(cfg, target_utilization=1.0)
+    runs["peak30+20%"] = simulate("peak30+20%", t, demand, full, settings_for(full))
+    runs["predictive"] = simulate("predictive", t, demand, cfg, settings_for(cfg))
     o_ready, o_cost = oracle(need, cfg.boot_min)
     runs["oracle"] = Run("oracle", o_ready, o_ready, o_cost)
     rows = {}
-    for name in POLICY_NAMES:
-        r = runs[name]
+    for name, r in runs.items():
         rows[name] = {
             "instance_hours": round(r.instance_minutes / 60.0, 1),
             "vs_oracle": round(r.instance_minutes / o_cost, 3),
@@ -247,25 +268,28 @@ def evaluate(t: np.ndarray, requests: np.ndarray, cfg: SimConfig, settings: Scal
     return {"scale_factor": factor, "need": need, "demand": demand, "runs": runs, "table": rows}
 
 
-def plot(t: np.ndarray, result: dict, out: Path, title: str) -> None:
+def plot(t: np.ndarray, result: dict, out: Path, title: str, days: tuple[float, float] | None = None) -> None:
+    """Demand (needed instances), ready and desired capacity over time, one panel per policy;
+    ``days`` zooms into ``[start, end)`` days since the start of the trace."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [n for n in POLICY_NAMES if n != "static"]
-    fig, axes = plt.subplots(len(names), 1, figsize=(14, 2.6 * len(names)), sharex=True)
-    days = (t - t[0]) / 86400.0
+    names = [n for n in result["runs"] if n != "static"]
+    fig, axes = plt.subplots(len(names), 1, figsize=(14, 2.4 * len(names)), sharex=True)
+    x = (t - t[0]) / 86400.0
+    sel = slice(None) if days is None else (x >= days[0]) & (x < days[1])
     for ax, name in zip(axes, names, strict=True):
         r = result["runs"][name]
         row = result["table"][name]
-        ax.plot(days, result["need"], color="0.6", lw=0.5, label="needed (demand)")
-        ax.plot(days, r.desired, color="tab:orange", lw=0.7, label="desired")
-        ax.plot(days, r.ready, color="tab:blue", lw=0.8, label="ready")
+        ax.step(x[sel], result["need"][sel], where="post", color="0.55", lw=0.5, label="needed (demand)")
+        ax.step(x[sel], r.ready[sel], where="post", color="tab:blue", lw=0.9, label="ready")
+        ax.step(x[sel], r.desired[sel], where="post", color="tab:orange", lw=0.6, ls="--", label="desired")
         ax.set_ylabel("instances")
         ax.set_title(
             f"{name}: {row['instance_hours']} instance-h ({row['vs_oracle']}x oracle), "
-            f"{row['under_provisioned_pct']}% minutes under-provisioned",
+            f"{row['under_provisioned_pct']}% minutes under-provisioned (whole run)",
             fontsize=9,
         )
     axes[0].legend(loc="upper right", fontsize=8)
@@ -273,7 +297,7 @@ def plot(t: np.ndarray, result: dict, out: Path, title: str) -> None:
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=100)
     plt.close(fig)
 
 
@@ -289,9 +313,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peak-instances", type=int, default=20)
     p.add_argument("--boot-min", type=int, default=4, help="boot + warm-up before an instance serves")
     p.add_argument("--metric-delay-min", type=int, default=1)
-    p.add_argument("--target-utilization", type=float, default=0.8)
+    p.add_argument(
+        "--target-utilization",
+        type=float,
+        default=0.95,
+        help="the policies' target in-flight per instance as a share of what one instance holds at the SLO",
+    )
+    p.add_argument("--tt-utilizations", default="0.95,0.5", help="target tracking is shown at each of these")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "autoscale.png")
     p.add_argument("--json", type=Path, default=None, help="write the table here (default: beside --out)")
+    p.add_argument(
+        "--zoom-days",
+        default="11.5,13.5",
+        help="also plot this window (days since the start) to OUT_zoom.png; empty for none",
+    )
     args = p.parse_args(argv)
     cfg = SimConfig(
         capacity_rps=args.capacity_rps,
@@ -300,31 +335,46 @@ def main(argv: list[str] | None = None) -> int:
         boot_min=args.boot_min,
         metric_delay_min=args.metric_delay_min,
         target_utilization=args.target_utilization,
+        tt_utilizations=tuple(float(x) for x in args.tt_utilizations.split(",")),
         max_size=max(40, 2 * args.peak_instances),
     )
     t, req = load_trace(args.trace, args.since, args.until)
     started = time.perf_counter()
-    result = evaluate(t, req, cfg, settings_for(cfg))
+    result = evaluate(t, req, cfg)
     elapsed = time.perf_counter() - started
     print(
         f"trace {args.trace.name}: {len(t)} minutes, scale x{result['scale_factor']:.2f}, "
         f"peak {int(result['need'].max())} instances, boot {cfg.boot_min} min, "
         f"capacity {cfg.capacity_rps:g} req/s/instance ({elapsed:.1f}s)"
     )
-    print(f"{'policy':<16}{'instance-h':>12}{'x oracle':>10}{'under-prov %':>14}")
+    print(f"{'policy':<24}{'instance-h':>12}{'x oracle':>10}{'under-prov %':>14}")
     for name, row in result["table"].items():
         print(
-            f"{name:<16}{row['instance_hours']:>12}{row['vs_oracle']:>10}{row['under_provisioned_pct']:>14}"
+            f"{name:<24}{row['instance_hours']:>12}{row['vs_oracle']:>10}{row['under_provisioned_pct']:>14}"
         )
     title = f"{args.trace.parent.name}/{args.trace.name} {args.since or ''}..{args.until or ''}"
     plot(t, result, args.out, title)
+    if args.zoom_days:
+        lo, hi = (float(v) for v in args.zoom_days.split(","))
+        plot(
+            t,
+            result,
+            args.out.with_name(args.out.stem + "_zoom.png"),
+            f"{title} (days {lo:g}-{hi:g})",
+            (lo, hi),
+        )
     out_json = args.json or args.out.with_suffix(".json")
     doc = {
         "trace": str(args.trace.name),
         "since": args.since,
         "until": args.until,
         "minutes": len(t),
-        "config": cfg.__dict__,
+        "config": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.__dict__.items()},
+        "predictive_settings": {
+            k: v
+            for k, v in settings_for(cfg).__dict__.items()
+            if k not in ("floor_schedule", "stage", "asg_name")
+        },
         "scale_factor": result["scale_factor"],
         "table": result["table"],
     }

@@ -69,8 +69,9 @@ class PolicyState:
     last_scale_in_t: float | None = None
     # (t, needed instances) of recent decisions: scale-in stabilization looks back over these
     recent: tuple[tuple[int, int], ...] = ()
-    # (slot index, peak load in instances) for the last few days: the seasonal forecast
-    seasonal: tuple[tuple[int, float], ...] = ()
+    # (slot index, peak load, summed load, minutes) per slot for the last few days: the
+    # seasonal forecast (peak of the slot, and its mean to compare today's level with)
+    seasonal: tuple[tuple[int, float, float, int], ...] = ()
     last_metric_t: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -78,7 +79,7 @@ class PolicyState:
             "last_scale_out_t": self.last_scale_out_t,
             "last_scale_in_t": self.last_scale_in_t,
             "recent": [list(x) for x in self.recent],
-            "seasonal": [[s, round(v, 3)] for s, v in self.seasonal],
+            "seasonal": [[k, round(p, 3), round(t, 3), n] for k, p, t, n in self.seasonal],
             "last_metric_t": self.last_metric_t,
         }
 
@@ -90,7 +91,7 @@ class PolicyState:
             last_scale_out_t=_opt_float(doc.get("last_scale_out_t")),
             last_scale_in_t=_opt_float(doc.get("last_scale_in_t")),
             recent=tuple((int(t), int(n)) for t, n in doc.get("recent", [])),
-            seasonal=tuple((int(s), float(v)) for s, v in doc.get("seasonal", [])),
+            seasonal=tuple((int(k), float(p), float(t), int(n)) for k, p, t, n in doc.get("seasonal", [])),
             last_metric_t=None if doc.get("last_metric_t") is None else int(doc["last_metric_t"]),
         )
 
@@ -158,23 +159,26 @@ def apply_bounds(desired: int, fleet: FleetCounts, floor: int) -> int:
 
 
 def fold_history(state: PolicyState, metrics: Sequence[MinuteMetrics], s: ScalingSettings) -> PolicyState:
-    """Fold minutes not seen before into per-slot load peaks; keep ``forecast_days + 1`` days.
+    """Fold minutes not seen before into per-slot load (peak, sum, minutes); keep
+    ``forecast_days + 1`` days.
 
     >>> m = [MinuteMetrics(t=60 * i, requests=1, inflight=8.0 * i) for i in range(3)]
     >>> st = fold_history(PolicyState(), m, ScalingSettings(stage="t", asg_name="a"))
     >>> st.seasonal, st.last_metric_t
-    (((0, 2.0),), 120)
+    (((0, 2.0, 3.0, 3),), 120)
     """
     new = [m for m in metrics if state.last_metric_t is None or m.t > state.last_metric_t]
     if not new:
         return state
-    slots = dict(state.seasonal)
+    slots = {k: (p, t, n) for k, p, t, n in state.seasonal}
     for m in new:
         slot = m.t // s.forecast_slot_s
-        slots[slot] = max(slots.get(slot, 0.0), load_units(m, s.target_inflight_per_instance))
+        load = load_units(m, s.target_inflight_per_instance)
+        p, t, n = slots.get(slot, (0.0, 0.0, 0))
+        slots[slot] = (max(p, load), t + load, n + 1)
     newest = max(m.t for m in new)
     keep_from = (newest - (s.forecast_days + 1) * DAY_S) // s.forecast_slot_s
-    seasonal = tuple(sorted((k, v) for k, v in slots.items() if k >= keep_from))
+    seasonal = tuple(sorted((k, p, t, n) for k, (p, t, n) in slots.items() if k >= keep_from))
     return replace(state, seasonal=seasonal, last_metric_t=newest)
 
 
@@ -186,9 +190,9 @@ def lead_time_s(s: ScalingSettings) -> int:
 def reactive_need(metrics: Sequence[MinuteMetrics], s: ScalingSettings) -> tuple[float, float]:
     """(peak load of the look-back window, linear trend extrapolated over the lead time).
 
-    >>> ms = [MinuteMetrics(t=60 * i, requests=1, inflight=8.0 * i) for i in range(10)]
+    >>> ms = [MinuteMetrics(t=60 * i, requests=1, inflight=8.0 * i) for i in range(20)]
     >>> reactive_need(ms, ScalingSettings(stage="t", asg_name="a"))
-    (9.0, 15.0)
+    (19.0, 25.0)
     """
     if not metrics:
         return 0.0, 0.0
@@ -205,30 +209,41 @@ def reactive_need(metrics: Sequence[MinuteMetrics], s: ScalingSettings) -> tuple
     return peak, trend
 
 
-def forecast_need(state: PolicyState, now: float, s: ScalingSettings) -> float:
+def forecast_need(state: PolicyState, now: float, s: ScalingSettings, level: float | None = None) -> float:
     """Load at the same time of day on previous days, over the window capacity ordered now serves.
 
     For each of the last ``forecast_days`` days take the peak of the slots covering
-    ``[now, now + lead time + one slot]`` a whole number of days earlier, then the
-    ``forecast_quantile`` across days (the median by default: one odd day does not move it).
+    ``[now, now + lead time + one slot]`` a whole number of days earlier; with ``level`` (today's
+    mean load over the last half hour) scale it by how busy today is compared with that day at
+    the same time (clamped to 0.5x-2x); then take the ``forecast_quantile`` across days.
 
     >>> s = ScalingSettings(stage="t", asg_name="a", forecast_days=3)
     >>> day_slots = DAY_S // s.forecast_slot_s
-    >>> st = PolicyState(seasonal=tuple((k * day_slots, float(k)) for k in (1, 2, 3)))
-    >>> forecast_need(st, 4 * DAY_S, s)
+    >>> st = PolicyState(seasonal=tuple((k * day_slots, float(k), 0.0, 0) for k in (1, 2, 3)))
+    >>> forecast_need(st, 4 * DAY_S, replace(s, forecast_quantile=0.5))
     2.0
     """
     if not state.seasonal or s.forecast_days <= 0:
         return 0.0
-    slots = dict(state.seasonal)
+    slots = {k: (p, t, n) for k, p, t, n in state.seasonal}
     first = int(now) // s.forecast_slot_s
     last = (int(now) + lead_time_s(s) + s.forecast_slot_s) // s.forecast_slot_s
+    before = range(first - max(1, 1800 // s.forecast_slot_s), first)
     day_slots = DAY_S // s.forecast_slot_s
     per_day = []
     for d in range(1, s.forecast_days + 1):
-        vals = [slots[k - d * day_slots] for k in range(first, last + 1) if k - d * day_slots in slots]
-        if vals:
-            per_day.append(max(vals))
+        shift = d * day_slots
+        peaks = [slots[k - shift][0] for k in range(first, last + 1) if k - shift in slots]
+        if not peaks:
+            continue
+        value = max(peaks)
+        if level is not None:
+            past = [slots[k - shift] for k in before if k - shift in slots]
+            past_n = sum(n for _, _, n in past)
+            if past_n:
+                past_level = sum(t for _, t, _ in past) / past_n
+                value *= min(2.0, max(0.5, level / past_level)) if past_level > 0 else 1.0
+        per_day.append(value)
     if not per_day:
         return 0.0
     per_day.sort()
@@ -279,7 +294,11 @@ def decide_predictive(inp: PolicyInput, state: PolicyState, s: ScalingSettings, 
     """
     state = fold_history(state, inp.metrics, s)
     peak, trend = reactive_need(inp.metrics, s)
-    forecast = forecast_need(state, now, s)
+    level = None
+    if s.forecast_level_adjust and inp.metrics:
+        recent = [load_units(m, s.target_inflight_per_instance) for m in inp.metrics[-30:]]
+        level = sum(recent) / len(recent)
+    forecast = forecast_need(state, now, s, level)
     need, signal = combine_needs(peak, trend, forecast)
     latest = load_units(inp.metrics[-1], s.target_inflight_per_instance) if inp.metrics else 0.0
     ready = max(inp.fleet.in_service, 1)

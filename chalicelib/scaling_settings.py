@@ -73,7 +73,7 @@ class ScalingSettings:
     target_inflight_per_instance: float = 8.0
     latency_slo_p99_s: float = 0.5
     panic_ratio: float = 1.5  # load above panic_ratio x ready capacity: scale out at once
-    scale_in_stabilization_s: int = 1200
+    scale_in_stabilization_s: int = 900
     scale_in_max_step_fraction: float = 0.1
     scale_out_lookback_s: int = 600
     boot_delay_s: int = 240  # launch + model download + warm-up until /readyz
@@ -84,6 +84,7 @@ class ScalingSettings:
     forecast_slot_s: int = 900
     forecast_quantile: float = 0.5
     forecast_weight: float = 1.0
+    forecast_level_adjust: bool = True
     # schedules
     floor_schedule: tuple[FloorWindow, ...] = ()
     time_zone: str = "UTC"
@@ -133,11 +134,14 @@ class ScalingSettings:
             target_inflight_per_instance=num("SCALING_TARGET_INFLIGHT_PER_INSTANCE", 8.0, float),
             latency_slo_p99_s=num("SCALING_LATENCY_SLO_P99_S", 0.5, float),
             panic_ratio=num("SCALING_PANIC_RATIO", 1.5, float),
-            scale_in_stabilization_s=int(num("SCALING_SCALE_IN_STABILIZATION_S", 1200)),
+            scale_in_stabilization_s=int(num("SCALING_SCALE_IN_STABILIZATION_S", 900)),
             scale_in_max_step_fraction=num("SCALING_SCALE_IN_MAX_STEP_FRACTION", 0.1, float),
             boot_delay_s=int(num("SCALING_BOOT_DELAY_S", 240)),
             forecast_days=int(num("SCALING_FORECAST_DAYS", 7)),
             forecast_weight=num("SCALING_FORECAST_WEIGHT", 1.0, float),
+            forecast_quantile=num("SCALING_FORECAST_QUANTILE", 0.5, float),
+            forecast_level_adjust=env.get("SCALING_FORECAST_LEVEL_ADJUST", "true").lower() in ("1", "true", "yes"),
+            scale_out_lookback_s=int(num("SCALING_SCALE_OUT_LOOKBACK_S", 600)),
             floor_schedule=parse_floor_schedule(env.get("SCALING_FLOOR_SCHEDULE", "")),
             time_zone=tz,
             warmup_limit_s=int(num("SCALING_WARMUP_LIMIT_S", 900)),
