@@ -42,55 +42,63 @@ def infra_only_template() -> dict:
 
 @pytest.fixture(scope="module")
 def stack():
-    with pytest.MonkeyPatch.context() as mp, mock_aws():
+    with pytest.MonkeyPatch.context() as mp:
         for key, value in {
             "AWS_ACCESS_KEY_ID": "testing",
             "AWS_SECRET_ACCESS_KEY": "testing",
             "AWS_DEFAULT_REGION": REGION,
+            # moto would load thousands of public AMIs; the stack gets one registered here
+            "MOTO_EC2_LOAD_DEFAULT_AMIS": "false",
         }.items():
             mp.setenv(key, value)
         mp.delenv("AWS_ENDPOINT_URL", raising=False)
-        ec2 = boto3.client("ec2", region_name=REGION)
-        vpc = ec2.create_vpc(CidrBlock="10.20.0.0/16")["Vpc"]["VpcId"]
-        subnets = [
-            ec2.create_subnet(VpcId=vpc, CidrBlock=f"10.20.{i}.0/24", AvailabilityZone=f"{REGION}{az}")[
-                "Subnet"
-            ]["SubnetId"]
-            for i, az in enumerate("ab", start=1)
+        with mock_aws():
+            yield _create_stack()
+
+
+def _create_stack() -> dict:
+    """A VPC with two subnets and an AMI, then the infra part of the template on top."""
+    ec2 = boto3.client("ec2", region_name=REGION)
+    vpc = ec2.create_vpc(CidrBlock="10.20.0.0/16")["Vpc"]["VpcId"]
+    subnets = [
+        ec2.create_subnet(VpcId=vpc, CidrBlock=f"10.20.{i}.0/24", AvailabilityZone=f"{REGION}{az}")["Subnet"][
+            "SubnetId"
         ]
-        ami = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
-        cf = boto3.client("cloudformation", region_name=REGION)
-        params = {
-            "Stage": "dev",
-            "VpcId": vpc,
-            "SubnetIds": ",".join(subnets),
-            "LoadBalancerSubnetIds": ",".join(subnets),
-            "AmiId": ami,
-        }
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # moto warns about the resource types it skips
-            cf.create_stack(
-                StackName="nlpfleet-dev",
-                TemplateBody=json.dumps(infra_only_template()),
-                Parameters=[{"ParameterKey": k, "ParameterValue": v} for k, v in params.items()],
-                Capabilities=["CAPABILITY_IAM"],
-            )
-        desc = cf.describe_stacks(StackName="nlpfleet-dev")["Stacks"][0]
-        assert desc["StackStatus"] == "CREATE_COMPLETE", desc.get("StackStatusReason")
-        outputs = {o["OutputKey"]: o["OutputValue"] for o in desc["Outputs"]}
-        physical = {
-            r["LogicalResourceId"]: r["PhysicalResourceId"]
-            for r in cf.list_stack_resources(StackName="nlpfleet-dev")["StackResourceSummaries"]
-            if r.get("LogicalResourceId")  # moto lists the resource types it skipped without one
-        }
-        yield {
-            "ec2": ec2,
-            "ami": ami,
-            "subnets": subnets,
-            "vpc": vpc,
-            "outputs": outputs,
-            "physical": physical,
-        }
+        for i, az in enumerate("ab", start=1)
+    ]
+    ami = ec2.register_image(Name="nlpfleet-gpu-test", RootDeviceName="/dev/sda1")["ImageId"]
+    cf = boto3.client("cloudformation", region_name=REGION)
+    params = {
+        "Stage": "dev",
+        "VpcId": vpc,
+        "SubnetIds": ",".join(subnets),
+        "LoadBalancerSubnetIds": ",".join(subnets),
+        "AmiId": ami,
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # moto warns about the resource types it skips
+        cf.create_stack(
+            StackName="nlpfleet-dev",
+            TemplateBody=json.dumps(infra_only_template()),
+            Parameters=[{"ParameterKey": k, "ParameterValue": v} for k, v in params.items()],
+            Capabilities=["CAPABILITY_IAM"],
+        )
+    desc = cf.describe_stacks(StackName="nlpfleet-dev")["Stacks"][0]
+    assert desc["StackStatus"] == "CREATE_COMPLETE", desc.get("StackStatusReason")
+    outputs = {o["OutputKey"]: o["OutputValue"] for o in desc["Outputs"]}
+    physical = {
+        r["LogicalResourceId"]: r["PhysicalResourceId"]
+        for r in cf.list_stack_resources(StackName="nlpfleet-dev")["StackResourceSummaries"]
+        if r.get("LogicalResourceId")  # moto lists the resource types it skipped without one
+    }
+    return {
+        "ec2": ec2,
+        "ami": ami,
+        "subnets": subnets,
+        "vpc": vpc,
+        "outputs": outputs,
+        "physical": physical,
+    }
 
 
 def test_stack_creates_bucket_tables_log_group_and_names_them_in_outputs(stack):
