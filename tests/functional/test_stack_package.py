@@ -156,3 +156,14 @@ def test_stack_parameters_are_vpc_subnets_and_ami(merged):
     assert params["SubnetIds"]["Type"] == "List<AWS::EC2::Subnet::Id>"
     assert params["AmiId"]["Type"] == "AWS::EC2::Image::Id"
     assert merged["dev"]["Transform"] == "AWS::Serverless-2016-10-31"
+
+
+def test_prod_api_requires_iam_authorization_on_every_route(merged):
+    body = merged["prod"]["Resources"]["RestAPI"]["Properties"]["DefinitionBody"]
+    assert body["securityDefinitions"]["sigv4"]["x-amazon-apigateway-authtype"] == "awsSigv4"
+    routes = [(path, method, op) for path, methods in body["paths"].items() for method, op in methods.items()]
+    assert {("/jobs", "post"), ("/fleet", "get")} <= {(p, m) for p, m, _ in routes}
+    for path, method, op in routes:
+        if method == "options":  # CORS preflight, if ever enabled, carries no credentials
+            continue
+        assert op.get("security") == [{"sigv4": []}], f"{method.upper()} {path} is open in prod"
