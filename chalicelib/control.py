@@ -353,7 +353,14 @@ def list_jobs(params: dict, s: Settings, a: Adapters, now: datetime) -> dict:
     page, token = a.jobs.list(state=state, job_type=jtype, limit=limit, next_token=params.get("next_token"))
     page.sort(key=lambda j: j.created_at, reverse=True)
     items = [
-        {k: v for k, v in J.job_view(j, now).items() if k not in ("history", "spec", "attempts", "plan")}
+        {
+            **{
+                k: v
+                for k, v in J.job_view(j, now).items()
+                if k not in ("history", "spec", "attempts", "plan")
+            },
+            "name": j.spec.get("name"),
+        }
         for j in page
     ]
     return {"jobs": items, "next_token": token}

@@ -192,6 +192,7 @@ def run_finetune(data: dict, report: Reporter, s3) -> tuple[str, dict]:
             "progress_bar": False,
             **({"model_dir": spec["model_dir"]} if spec.get("model_dir") else {}),
             **({"max_steps": spec["max_steps"]} if spec.get("max_steps") else {}),
+            "checkpoint_every_steps": int(spec.get("checkpoint_every_steps") or 0),
         }
     )
     _, prefix = parse_s3_uri(spec["output_uri"])

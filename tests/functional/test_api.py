@@ -180,6 +180,11 @@ def test_list_jobs_filters_and_paginates(aws, client):
         if not token:
             break
     assert sorted(seen) == sorted(ids)
+    assert {j["name"] for j in client.http.get("/jobs?type=finetune").json_body["jobs"]} == {
+        "run 0",
+        "run 1",
+        "run 2",
+    }
     cancelled = client.http.get("/jobs?status=CANCELLED").json_body["jobs"]
     assert [j["job_id"] for j in cancelled] == [pre]
     bad = client.http.get("/jobs?status=DONE&limit=500")

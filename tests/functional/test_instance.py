@@ -155,6 +155,7 @@ def test_finetune_runs_the_training_worker_and_publishes_a_model(aws, client, da
             "seq_len": 32,
             "batch_size": 16,
             "max_steps": 6,
+            "checkpoint_every_steps": 3,
             "precision": "fp32",
         },
     ).json_body
@@ -170,6 +171,9 @@ def test_finetune_runs_the_training_worker_and_publishes_a_model(aws, client, da
     key = res["model_uri"].split(BUCKET + "/")[1] + "manifest.json"
     manifest = json.loads(aws["s3"].get_object(Bucket=BUCKET, Key=key)["Body"].read())
     assert manifest["name"] == "tiny" and len(manifest["labels"]) == 3
+    # checkpoints mirrored to where a relaunched attempt resumes from
+    prefix = f"jobs/{job['job_id']}/checkpoints/"
+    assert aws["s3"].list_objects_v2(Bucket=BUCKET, Prefix=prefix).get("KeyCount", 0) > 0
 
 
 def test_imdsv2_user_data_and_spot_notice_against_a_local_metadata_server():
