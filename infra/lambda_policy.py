@@ -61,10 +61,12 @@ def policy(stage: str) -> dict:
             "Resource": [sub("${ScalingStateTable.Arn}")],
         },
         {
-            "Sid": "ReadData",  # storage: head_object, get_object (manifests, datasets), list_objects_v2
+            # storage: head_object (a job input's size: any key of the bucket a spec names),
+            # get_object (manifests, dataset sidecars), list_objects_v2 (models/, input prefixes)
+            "Sid": "ReadData",
             "Effect": "Allow",
             "Action": ["s3:GetObject", "s3:GetObjectVersion"],
-            "Resource": [sub("${DataBucket.Arn}/datasets/*"), sub("${DataBucket.Arn}/models/*")],
+            "Resource": sub("${DataBucket.Arn}/*"),
         },
         {
             "Sid": "ListData",
