@@ -20,7 +20,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from chalice import Blueprint, Cron, Rate
@@ -102,7 +102,7 @@ def handle_scale(s: ScalingSettings, ad: ScalingAdapters, now: float) -> dict[st
     state = PolicyState.from_dict(doc)
     floor = scheduled_floor(now, s.floor_schedule, s.time_zone)
     fleet = group.counts(max_size=s.max_size)
-    fleet = type(fleet)(**{**fleet.__dict__, "min_size": max(fleet.min_size, s.min_size)})
+    fleet = replace(fleet, min_size=max(fleet.min_size, s.min_size))
     decision = decide(s.policy, PolicyInput(metrics, fleet, floor), state, s, now)
     fields = {
         "asg": s.asg_name,

@@ -21,6 +21,17 @@ class ScalingConfigError(ValueError):
     """A scaling setting is missing or malformed (the message names the key)."""
 
 
+def _flag(env: Mapping[str, str], key: str, default: bool) -> bool:
+    raw = env.get(key, "")
+    if raw == "":
+        return default
+    if raw.lower() in ("1", "true", "yes", "on"):
+        return True
+    if raw.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ScalingConfigError(f"{key}={raw!r} is not a boolean")
+
+
 _DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 
 
@@ -140,7 +151,7 @@ class ScalingSettings:
             forecast_days=int(num("SCALING_FORECAST_DAYS", 7)),
             forecast_weight=num("SCALING_FORECAST_WEIGHT", 1.0, float),
             forecast_quantile=num("SCALING_FORECAST_QUANTILE", 0.5, float),
-            forecast_level_adjust=env.get("SCALING_FORECAST_LEVEL_ADJUST", "true").lower() in ("1", "true", "yes"),
+            forecast_level_adjust=_flag(env, "SCALING_FORECAST_LEVEL_ADJUST", True),
             scale_out_lookback_s=int(num("SCALING_SCALE_OUT_LOOKBACK_S", 600)),
             floor_schedule=parse_floor_schedule(env.get("SCALING_FLOOR_SCHEDULE", "")),
             time_zone=tz,
@@ -149,7 +160,7 @@ class ScalingSettings:
             metrics_namespace=env.get("SCALING_METRICS_NAMESPACE", "nlpfleet"),
             active_model_param=env.get("ACTIVE_MODEL_PARAM", f"/nlpfleet/{stage}/active-model"),
             state_table=env.get("SCALING_STATE_TABLE", f"nlpfleet-{stage}-scaling"),
-            dry_run=env.get("DRY_RUN", "").lower() in ("1", "true", "yes"),
+            dry_run=_flag(env, "DRY_RUN", False),
         )
         if s.min_size > s.max_size:
             raise ScalingConfigError("SCALING_MIN_SIZE must not exceed SCALING_MAX_SIZE")

@@ -227,6 +227,7 @@ class Agent:
     serving: dict[str, Any] | None = None
     refused: str | None = None
     outcome: list[str] = field(default_factory=list)  # what happened, for logs and tests
+    fetched: list[str] = field(default_factory=list)  # model directories this agent downloaded
 
     @property
     def base_url(self) -> str:
@@ -283,7 +284,18 @@ class Agent:
         dest = Path(
             tempfile.mkdtemp(prefix=f"{active.get('name', 'model')}-{active.get('version', 'v')}-", dir=root)
         )
-        return str(fetch_artifact(uri, dest, self.clients("s3")))
+        local = str(fetch_artifact(uri, dest, self.clients("s3")))
+        self.fetched.append(local)
+        return local
+
+    def _prune(self, keep: int = 2) -> None:
+        """Delete downloaded model directories but the newest ``keep`` (the one serving and the
+        one before it): a long-lived instance must not fill its disk one rollout at a time. The
+        server holds the models it runs in memory, so deleting files under an old one is safe."""
+        import shutil
+
+        while len(self.fetched) > keep:
+            shutil.rmtree(self.fetched.pop(0), ignore_errors=True)
 
     # -- server
     def _http(
@@ -368,6 +380,7 @@ class Agent:
         if status == 200:
             self.serving = dict(active)
             self.outcome.append(f"swapped:{active.get('version')}")
+            self._prune()
             log.info("rolled out %s", active.get("uri"))
         else:
             self.refused = json.dumps(active, sort_keys=True)
