@@ -56,7 +56,24 @@ def measure(reference_logits, candidate_logits, labels) -> dict:
         "top1_agreement": float(np.mean(ref_top == cand_top)) if ref.size else 0.0,
         "accuracy": float(np.mean(cand_top == gold)) if ref.size else 0.0,
         "reference_accuracy": float(np.mean(ref_top == gold)) if ref.size else 0.0,
+        "macro_f1": _macro_f1(gold, cand_top),
+        "reference_macro_f1": _macro_f1(gold, ref_top),
     }
+
+
+def _macro_f1(gold, pred) -> float:
+    """Unweighted mean F1 over the classes present in gold or predictions."""
+    import numpy as np
+
+    classes = np.union1d(gold, pred)
+    if not classes.size:
+        return 0.0
+    f1 = []
+    for c in classes:
+        tp = np.sum((gold == c) & (pred == c))
+        denom = np.sum(gold == c) + np.sum(pred == c)
+        f1.append(2 * tp / denom if denom else 0.0)
+    return float(np.mean(f1))
 
 
 def judge(variant: str, m: dict, t: ParityThresholds) -> tuple[bool, list[str]]:

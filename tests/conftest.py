@@ -166,18 +166,32 @@ def trained_artifact(data_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
-def minilm_2layer(tmp_path_factory) -> Path:
+def minilm_2layer() -> Path:
     """A real pretrained checkpoint, made small: the packaged MiniLM cut to its first 2 of 6
     layers (same tokenizer, same pretrained weights for what remains). For tests of training
     mechanics (resume, DDP) that need a real BERT-family model, not a good one; it also
-    exercises the worker's ``model_dir`` option (any local checkpoint directory)."""
+    exercises the worker's ``model_dir`` option (any local checkpoint directory). Cached
+    under .cache/test-models (it depends only on the installed package)."""
+    import fcntl
+    import shutil
+
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
     from training.worker import default_model_dir
 
-    base = default_model_dir()
-    dest = tmp_path_factory.mktemp("minilm-l2")
-    config = AutoConfig.from_pretrained(base, num_hidden_layers=2)
-    AutoModel.from_pretrained(base, config=config).save_pretrained(dest)
-    AutoTokenizer.from_pretrained(base).save_pretrained(dest)
+    cache = (
+        Path(os.environ.get("NLPFLEET_TEST_CACHE", REPO / ".cache" / "test-artifacts")).parent / "test-models"
+    )
+    dest = cache / "minilm-l2"
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (dest / "config.json").is_file():
+            base = default_model_dir()
+            tmp = cache / ".tmp-minilm-l2"
+            shutil.rmtree(tmp, ignore_errors=True)
+            config = AutoConfig.from_pretrained(base, num_hidden_layers=2)
+            AutoModel.from_pretrained(base, config=config).save_pretrained(tmp)
+            AutoTokenizer.from_pretrained(base).save_pretrained(tmp)
+            tmp.rename(dest)
     return dest

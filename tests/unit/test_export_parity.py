@@ -45,6 +45,9 @@ def test_measure_compares_decisions_and_logits():
     assert got["max_abs_diff"] == pytest.approx(0.2)
     assert got["top1_agreement"] == pytest.approx(2 / 3)
     assert (got["accuracy"], got["reference_accuracy"]) == (pytest.approx(2 / 3), 1.0)
+    # classes 0, 1, 2: F1 = 2/3 (one extra prediction), 1, 0 (never predicted)
+    assert got["macro_f1"] == pytest.approx((2 / 3 + 1 + 0) / 3)
+    assert got["reference_macro_f1"] == 1.0
     with pytest.raises(ValueError, match="shapes differ"):
         measure(ref, cand[:2], [0, 1])
 
