@@ -60,6 +60,7 @@ class DemoConfig:
     batch_size: int = 32
     max_steps: int | None = None
     job_timeout_s: float = 360.0
+    artifact_dir: Path | None = None  # publish this artifact instead of training (iterating on the fleet)
     # the fleet and the replay
     speed: float = 6.0  # local clock: the per-minute autoscaler decides every 10 s
     max_size: int = 4
@@ -238,6 +239,18 @@ def upload_dataset(cfg: DemoConfig, s: Session) -> str:
         f"dev split ({n_dev} rows) at s3://{s.bucket}/{dev_key}",
     )
     return f"{prefix}/train.csv"
+
+
+def publish_prebuilt(cfg: DemoConfig, s: Session) -> dict:
+    """Publish an existing artifact directory as a user can (``inference.artifact``), in place of
+    the fine-tune job: the rollout that follows is the same."""
+    from inference.artifact import publish_artifact
+
+    doc = json.loads((cfg.artifact_dir / "manifest.json").read_text())
+    uri = f"s3://{s.bucket}/models/{doc['name']}/{doc['version']}/"
+    publish_artifact(cfg.artifact_dir, uri, s.s3)
+    say(cfg, f"published the artifact in {cfg.artifact_dir} to {uri} (no training)")
+    return {"job_id": None, "state": "SUCCEEDED", "metrics": doc.get("metrics"), "result": {"model_uri": uri}}
 
 
 def run_job(cfg: DemoConfig, s: Session, key: str, hooks=None) -> dict:
@@ -506,8 +519,11 @@ def run(cfg: DemoConfig, hooks: Hooks | None = None) -> dict:
         f"  api {state['api_url']}, load balancer {state['lb_url']}, aws stand-in {state['endpoint_url']}",
     )
     try:
-        key = upload_dataset(cfg, s)
-        job = run_job(cfg, s, key, hooks)
+        if cfg.artifact_dir is not None:
+            job = publish_prebuilt(cfg, s)
+        else:
+            key = upload_dataset(cfg, s)
+            job = run_job(cfg, s, key, hooks)
         summary["job"] = {
             k: job.get(k)
             for k in ("job_id", "state", "result", "metrics", "error", "attempt", "attempts", "plan")
@@ -585,10 +601,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="nlpfleet demo", description="the whole product end to end, locally")
     ap.add_argument("--short", action="store_true", help="the end-to-end test's shorter configuration")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--artifact", type=Path, default=None, help="publish this artifact instead of training")
     args = ap.parse_args(argv or [])
     cfg = short_config() if args.short else DemoConfig()
     if args.out:
         cfg.out_dir = args.out
+    cfg.artifact_dir = args.artifact
     try:
         summary = run(cfg)
     except DemoError as e:
@@ -615,6 +633,7 @@ def short_config(**kw) -> DemoConfig:
         trace_minutes=12 * 60,
         trace_minutes_per_s=12.0,
         trace_start="1995-07-12T08:00:00-04:00",
+        rps_per_req_per_min=0.1,
         settle_s=45.0,
     )
     base.update(kw)

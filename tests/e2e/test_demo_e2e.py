@@ -39,12 +39,18 @@ def alive(pid: int) -> bool:
 class Faults(Hooks):
     def __init__(self):
         self.job_instance_killed = None
+        self.dataset_event = None
         self.seen = {}
         self.floor_down_at = None
         self.pids = set()
 
     # -- training: terminate the job's instance once it has trained a few steps
     def job_progress(self, s: Session, job: dict) -> None:
+        if self.dataset_event is None:  # the upload's event, as the dispatcher delivered it
+            route = s.local()["dispatcher"]["OnObjectCreated"]
+            self.dataset_event = next(
+                (e for e in route["recent"] if e["detail"]["object"]["key"].endswith("train.csv")), None
+            )
         prog = job.get("progress") or {}
         inst = job.get("instance") or {}
         if self.job_instance_killed is None and job["state"] == "RUNNING" and (prog.get("step") or 0) >= 8:
@@ -55,8 +61,8 @@ class Faults(Hooks):
         out = {}
         # the dataset's S3 event again, exactly as delivered: no second job
         route = s.local()["dispatcher"]["OnObjectCreated"]
-        event = next(e for e in route["recent"] if e["detail"]["object"]["key"].endswith("train.csv"))
-        s.sqs.send_message(QueueUrl=route["queue_url"], MessageBody=json.dumps(event))
+        assert self.dataset_event is not None
+        s.sqs.send_message(QueueUrl=route["queue_url"], MessageBody=json.dumps(self.dataset_event))
         # a corrupt model upload: a manifest that is not JSON, under a new version
         s.s3.put_object(
             Bucket=s.bucket, Key="models/banking77/corrupt-1/manifest.json", Body=b'{"name": "banki'
@@ -90,7 +96,14 @@ class Faults(Hooks):
 
         from localstack.replay import replay
 
-        serving = [t["target_id"] for t in s.local()["lb"]["targets"] if t["state"] == "healthy"]
+        # two instances serving (the floor at two), then one of them dies
+        s.update_functions({"SCALING_MIN_SIZE": "2"})
+        deadline = time.monotonic() + 90
+        serving = []
+        while time.monotonic() < deadline and len(serving) < 2:
+            serving = [t["target_id"] for t in s.local()["lb"]["targets"] if t["state"] == "healthy"]
+            time.sleep(1)
+        assert len(serving) >= 2, serving
         victim = serving[0]
         s.kill(victim)
         t_kill = time.monotonic()
