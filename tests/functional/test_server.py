@@ -393,12 +393,22 @@ def test_serves_an_s3_artifact_and_refuses_a_tampered_one(artifact, tmp_path):
 
     from inference.artifact import publish_artifact
 
+    # Only the fp32 variant travels (the others marked unpublished): the test moves less data.
+    small = link_copy(artifact, tmp_path / "v1")
+    m = json.loads((small / "manifest.json").read_text())
+    for name, v in m["variants"].items():
+        v["published"] = name == "fp32"
+    (small / "manifest.json").write_text(json.dumps(m))
     with mock_aws():
         s3 = boto3.client("s3", region_name="us-east-1")
         s3.create_bucket(Bucket="models")
-        publish_artifact(artifact, "s3://models/models/banking77/v1/", s3)
-        publish_artifact(
-            link_copy(artifact, tmp_path / "v2", version="v2"), "s3://models/models/banking77/v2/", s3
+        publish_artifact(small, "s3://models/models/banking77/v1/", s3)
+        # v2: the same files copied inside S3, then a manifest naming version v2.
+        for obj in s3.list_objects_v2(Bucket="models", Prefix="models/banking77/v1/")["Contents"]:
+            key = obj["Key"].replace("/v1/", "/v2/")
+            s3.copy_object(Bucket="models", Key=key, CopySource={"Bucket": "models", "Key": obj["Key"]})
+        s3.put_object(
+            Bucket="models", Key="models/banking77/v2/manifest.json", Body=json.dumps({**m, "version": "v2"})
         )
         env = {
             "NLPFLEET_MODEL": "s3://models/models/banking77/v1/",
