@@ -319,6 +319,7 @@ def test_warm_up_serve_rollout_and_drain_under_load(cloud, trained_artifact, tmp
             wait_for(lambda: instance not in states(cloud), 60, "the drained instance to leave")
         assert len(t.results) > 20 and t.failures() == []
         assert "nlpfleet-drain:CONTINUE" in agent.outcome and "server-exit:0" in agent.outcome
+        assert "nlpfleet-drain:heartbeat" in agent.outcome  # the drain outlasted a heartbeat interval
         runner.join(30)
         assert getattr(agent, "exit_code", None) == 0
         assert imds.unauthorized == 0  # always spoke IMDSv2 with a token
