@@ -523,8 +523,9 @@ def main(argv: list[str] | None = None) -> int:
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):  # called by uvicorn's signal handler
-            if sig == signal.SIGTERM and not self.should_exit:
-                self._loop.call_soon_threadsafe(self._begin_drain)
+            loop = getattr(self, "_loop", None)  # None: still starting up, nothing admitted yet
+            if sig == signal.SIGTERM and not self.should_exit and loop is not None:
+                loop.call_soon_threadsafe(self._begin_drain)
             else:
                 super().handle_exit(sig, frame)
 
