@@ -292,6 +292,11 @@ def decide_predictive(inp: PolicyInput, state: PolicyState, s: ScalingSettings, 
     >>> d.desired, d.reason
     (5, 'panic scale-out: load')
     """
+    if not inp.metrics and inp.fleet.in_service > 0:
+        # serving instances but no datapoints (agents or CloudWatch broken): never scale in blind
+        desired = apply_bounds(inp.fleet.desired, inp.fleet, inp.scheduled_floor)
+        fields = {"policy": "predictive", "previous_desired": inp.fleet.desired, "need": None}
+        return Decision(desired, "hold: no metrics from a serving fleet", state, fields)
     state = fold_history(state, inp.metrics, s)
     peak, trend = reactive_need(inp.metrics, s)
     level = None

@@ -176,6 +176,12 @@ def test_forecast_brings_capacity_before_the_daily_ramp():
     assert decide("predictive", PolicyInput(today, fleet, 0), state, reactive_only, now).desired == 2
 
 
+def test_missing_metrics_never_scale_a_serving_fleet_in():
+    fleet = FleetCounts(desired=8, in_service=8, min_size=1, max_size=40)
+    d = decide("predictive", PolicyInput((), fleet, 0), PolicyState(), S, T0)
+    assert d.desired == 8 and "no metrics" in d.reason
+
+
 def test_throttled_requests_count_as_demand():
     m = MinuteMetrics(t=T0, requests=500, throttled=1500, inflight=32.0, instances=4)
     assert load_units(m, 8.0) == 16.0
