@@ -26,6 +26,7 @@ import csv
 import json
 import os
 import random
+import signal
 import sys
 import threading
 import time
@@ -50,7 +51,7 @@ class DemoConfig:
     data_dir: Path = field(
         default_factory=lambda: Path(os.environ.get("NLPFLEET_SHARED", REPO.parent / "shared")) / "data"
     )
-    out_dir: Path = field(default_factory=lambda: REPO / "demo-out")
+    out_dir: Path = field(default_factory=lambda: REPO / "out" / "demo")  # git-ignored
     # the job
     classes: int | None = None  # None: all 77 intents
     per_class_train: int | None = None  # None: the whole training set (10,003 texts)
@@ -607,6 +608,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         cfg.out_dir = args.out
     cfg.artifact_dir = args.artifact
+
+    # SIGTERM (a CI timeout, `kill`) unwinds like Ctrl-C, so the stack is always stopped
+    def _interrupt(*_):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         summary = run(cfg)
     except DemoError as e:
