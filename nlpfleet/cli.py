@@ -357,12 +357,13 @@ def cmd_fleet(args) -> int:
         return 0
     group = doc.get("group") or {}
     print(
-        f"group {doc.get('asg_name')}: desired {group.get('desired')} (min {group.get('min')}, max {group.get('max')})"
+        f"group {doc.get('asg_name')}: desired {group.get('desired_capacity')} "
+        f"(min {group.get('min_size')}, max {group.get('max_size')})"
     )
     for state, n in sorted((doc.get("lifecycle_counts") or {}).items()):
         print(f"  {state:<22} {n}")
     for inst in group.get("instances", []):
-        print(f"  {inst.get('instance_id')}  {inst.get('lifecycle_state')}  {inst.get('health', '')}")
+        print(f"  {inst.get('instance_id')}  {inst.get('lifecycle_state')}  {inst.get('health_status', '')}")
     active = doc.get("active_model") or {}
     print(f"active model: {active.get('name', '-')}/{active.get('version', '-')}  {active.get('uri', '')}")
     return 0
