@@ -125,6 +125,7 @@ class State:
         self.refusing = False  # past the drain grace: new work gets 503
         self.inflight = 0
         self.swap_lock = asyncio.Lock()
+        self.fetched: set[Path] = set()  # artifacts this process downloaded from S3
         self.batcher: Batcher | None = None
         self.idle = asyncio.Event()
         self.idle.set()
@@ -234,6 +235,23 @@ def _cache_dir_for(uri: str, root: str) -> Path:
     return Path(root) / safe
 
 
+def prune_model_cache(fetched: set[Path], keep: list[Path]) -> list[Path]:
+    """Remove the artifacts this process fetched from S3 except ``keep`` (the model in use and
+    the one it replaced, the rollback candidate); return what was removed. Only directories this
+    process fetched are candidates: a local ``--model DIR``, or another process's download in a
+    shared cache, is never touched."""
+    import shutil
+
+    kept = {p.resolve() for p in keep}
+    removed = []
+    for d in sorted(fetched):
+        if d.resolve() not in kept and d.is_dir():
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    fetched.difference_update(removed)
+    return removed
+
+
 def resolve_model(uri: str, settings: Settings, s3_client=None) -> Path:
     """A local artifact directory for ``uri``: the directory itself, or an ``s3://`` artifact
     fetched (and verified) into the model cache."""
@@ -295,6 +313,8 @@ def create_app(settings: Settings, *, s3_client=None) -> Starlette:
             if app.state.on_fatal:
                 app.state.on_fatal()
             return
+        if settings.model.startswith("s3://"):
+            s.fetched.add(clf.artifact_dir)
         s.set_model(clf)
 
     @contextlib.asynccontextmanager
@@ -444,6 +464,12 @@ def create_app(settings: Settings, *, s3_client=None) -> Starlette:
             old = s.model
             s.set_model(new)
             metrics.swaps.labels("ok").inc()
+            if doc["uri"].startswith("s3://"):
+                s.fetched.add(new.artifact_dir)
+            keep = [new.artifact_dir] + ([old.artifact_dir] if old else [])
+            removed = await asyncio.to_thread(prune_model_cache, s.fetched, keep)
+            if removed:
+                log.info("pruned %d old artifact(s) from %s", len(removed), settings.model_cache_dir)
             log.info("swapped %s/%s -> %s/%s", old and old.name, old and old.version, new.name, new.version)
             return JSONResponse(
                 {

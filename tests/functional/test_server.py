@@ -24,7 +24,7 @@ import uvicorn
 
 from inference.runtime import load_classifier
 from inference.serve_settings import Settings
-from inference.server import create_app
+from inference.server import create_app, prune_model_cache
 
 
 def free_port() -> int:
@@ -425,3 +425,16 @@ def test_serves_an_s3_artifact_and_refuses_a_tampered_one(artifact, tmp_path):
             assert r.status_code == 422 and "labels.json" in r.json()["error"]["message"]
             assert httpx.get(base + "/v1/model").json()["manifest"]["version"] != "v2"
             assert httpx.post(base + "/v1/classify", json={"inputs": ["hi"]}).status_code == 200
+
+
+def test_model_cache_keeps_the_model_in_use_and_the_previous_one(tmp_path):
+    cache = tmp_path / "cache"
+    dirs = {v: cache / f"models_m_{v}" for v in ("v1", "v2", "v3", "v4", "other")}
+    for d in dirs.values():
+        d.mkdir(parents=True)
+        (d / "model.onnx").write_bytes(b"x")
+    fetched = {dirs[v] for v in ("v1", "v2", "v3", "v4")}  # "other": not downloaded by this process
+    removed = prune_model_cache(fetched, [dirs["v4"], dirs["v3"]])
+    assert sorted(p.name for p in removed) == ["models_m_v1", "models_m_v2"]
+    assert sorted(p.name for p in cache.iterdir()) == ["models_m_other", "models_m_v3", "models_m_v4"]
+    assert fetched == {dirs["v3"], dirs["v4"]}
