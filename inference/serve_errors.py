@@ -17,7 +17,8 @@ STATUS_BY_KIND: dict[str, int] = {
     "empty": 400,  # no body, no inputs, an empty text
     "malformed": 400,  # not JSON, not a JSON object
     "forbidden": 403,  # admin endpoint called from outside loopback
-    "not_found": 404,
+    "not_found": 404,  # no such path
+    "method_not_allowed": 405,
     "conflict": 409,  # a hot swap is already in progress
     "too_large": 413,  # too many texts, too many characters or tokens (when rejecting)
     "invalid": 422,  # well-formed JSON with wrong types or values

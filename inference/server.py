@@ -43,6 +43,7 @@ from prometheus_client import (
     generate_latest,
 )
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -480,7 +481,17 @@ def create_app(settings: Settings, *, s3_client=None) -> Starlette:
                 }
             )
 
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        # Starlette's own 404/405 as the same JSON error shape as every other error.
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        if kind is None:
+            return JSONResponse(
+                {"error": {"kind": "http", "message": str(exc.detail)}}, status_code=exc.status_code
+            )
+        return _error(ServeError(kind, f"{request.method} {request.url.path}: {exc.detail}"))
+
     app = Starlette(
+        exception_handlers={HTTPException: http_error},
         routes=[
             Route("/v1/classify", classify, methods=["POST"]),
             Route("/healthz", healthz, methods=["GET"]),

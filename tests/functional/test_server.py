@@ -222,6 +222,14 @@ def test_error_statuses_name_the_problem(server, body, status, kind):
     assert r.json()["error"]["kind"] == kind and r.json()["error"]["message"]
 
 
+def test_unknown_paths_and_methods_get_json_errors_too(server):
+    base, _, _ = server
+    r = httpx.get(base + "/v2/classify")
+    assert r.status_code == 404 and r.json()["error"]["kind"] == "not_found"
+    r = httpx.get(base + "/v1/classify")
+    assert r.status_code == 405 and r.json()["error"]["kind"] == "method_not_allowed"
+
+
 def test_oversized_body_is_refused_before_it_is_read(server):
     base, _, _ = server
     r = httpx.post(base + "/v1/classify", content=b"x" * 1_000_000)
@@ -341,6 +349,18 @@ def test_swap_refuses_a_corrupt_artifact_and_keeps_serving(server, artifact, tmp
     assert f.name in r.json()["error"]["message"] and "sha256" in r.json()["error"]["message"]
     assert httpx.get(base + "/v1/model").json()["version"] == before["version"]
     assert httpx.post(base + "/v1/classify", json={"inputs": ["hi"]}).status_code == 200
+    # Two swaps at once: the second is refused while the first loads.
+    same = link_copy(artifact, tmp_path / "same", version=before["version"])
+
+    async def two_swaps():
+        async with httpx.AsyncClient(timeout=120) as c:
+            first = asyncio.create_task(c.post(base + "/admin/swap", json={"uri": str(same)}))
+            await asyncio.sleep(0.2)
+            second = await c.post(base + "/admin/swap", json={"uri": str(same)})
+            return (await first).status_code, second
+
+    first, second = asyncio.run(two_swaps())
+    assert first == 200 and second.status_code == 409 and second.json()["error"]["kind"] == "conflict"
     # A mismatching manifest hash (the rollout named another manifest) is refused too.
     good = link_copy(artifact, tmp_path / "good", version="other")
     r = httpx.post(base + "/admin/swap", json={"uri": str(good), "manifest_sha256": "0" * 64}, timeout=120)
