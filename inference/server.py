@@ -44,7 +44,7 @@ from prometheus_client import (
 )
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -362,17 +362,23 @@ def create_app(settings: Settings, *, s3_client=None) -> Starlette:
                 raise ServeError(
                     "too_large", f"request body of {length} bytes is over {_max_body_bytes(settings)}"
                 )
-            body = await request.body()
-            if len(body) > _max_body_bytes(settings):
-                raise ServeError(
-                    "too_large", f"request body of {len(body)} bytes is over {_max_body_bytes(settings)}"
-                )
+            # Streamed with a cap: a chunked body without Content-Length cannot grow past it either.
+            chunks, size = [], 0
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > _max_body_bytes(settings):
+                    raise ServeError("too_large", f"request body is over {_max_body_bytes(settings)} bytes")
+                chunks.append(chunk)
+            body = b"".join(chunks)
             texts, top_k = parse_classify(body, settings, len(model.labels))
             results = await s.batcher.submit(model, texts, top_k)
             resp = JSONResponse({"model": {"name": model.name, "version": model.version}, "results": results})
         except ServeError as e:
             code = e.status
             resp = _error(e, metrics)
+        except ClientDisconnect:
+            code = 499  # the client left before sending its whole body: nobody to answer
+            resp = Response(status_code=code)
         except Exception as e:  # a bug of ours: a 500 with the traceback in the log
             log.exception("classify failed")
             code = 500

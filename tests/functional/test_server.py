@@ -235,6 +235,13 @@ def test_oversized_body_is_refused_before_it_is_read(server):
     r = httpx.post(base + "/v1/classify", content=b"x" * 1_000_000)
     assert r.status_code == 413 and r.json()["error"]["kind"] == "too_large"
 
+    def chunked():  # no Content-Length: the cap applies while streaming
+        for _ in range(100):
+            yield b"x" * 10_000
+
+    r = httpx.post(base + "/v1/classify", content=chunked())
+    assert r.status_code == 413 and r.json()["error"]["kind"] == "too_large"
+
 
 def test_long_texts_are_truncated_and_say_so(server):
     base, _, _ = server
