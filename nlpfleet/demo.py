@@ -50,6 +50,47 @@ def per_label_slice(src: Path, dest: Path, per_label: int) -> int:
     return len(rows)
 
 
+def table_rows(manifest: dict, latency_p50_ms: dict[str, float], size_bytes: dict[str, int]) -> list[dict]:
+    """One row per backend. Accuracies come from the parity gate, which already ran PyTorch (the
+    reference) and every variant over the whole held-out (dev) split: no second pass needed.
+
+    >>> m = {"parity": {"thresholds": {}, "fp32": {"accuracy": 0.9, "macro_f1": 0.8,
+    ...      "reference_accuracy": 0.9, "reference_macro_f1": 0.8, "passed": True, "reasons": []}}}
+    >>> [r["gate"] for r in table_rows(m, {"pytorch-fp32": 9.0, "onnx-fp32": 4.0}, {})]
+    ['reference', 'published']
+    """
+    par = manifest["parity"]
+    rows = []
+    ref = next(p for v, p in par.items() if v != "thresholds" and "reference_accuracy" in p)
+    rows.append({"name": "pytorch-fp32", "accuracy": ref["reference_accuracy"], "macro_f1": ref["reference_macro_f1"],
+                 "gate": "reference"})  # fmt: skip
+    for v, p in par.items():
+        if v == "thresholds":
+            continue
+        gate = "published" if p["passed"] else "held back: " + "; ".join(p["reasons"])
+        rows.append(
+            {"name": f"onnx-{v}", "accuracy": p.get("accuracy"), "macro_f1": p.get("macro_f1"), "gate": gate}
+        )
+    for r in rows:
+        r["p50_ms"] = latency_p50_ms.get(r["name"])
+        r["size_mb"] = size_bytes[r["name"]] / 1e6 if r["name"] in size_bytes else None
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    def num(x, fmt):
+        return format(x, fmt) if x is not None else "-"
+
+    lines = [
+        f"{'variant':14} {'accuracy %':>10} {'macro-F1':>9} {'size MB':>8} {'p50 ms (1 text)':>16}  gate"
+    ]
+    for r in rows:
+        acc = num(None if r["accuracy"] is None else 100 * r["accuracy"], ".2f")
+        lines.append(f"{r['name']:14} {acc:>10} {num(r['macro_f1'], '.4f'):>9} {num(r['size_mb'], '.1f'):>8} "
+                     f"{num(r['p50_ms'], '.2f'):>16}  {r['gate']}")  # fmt: skip
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m nlpfleet.demo", description=__doc__)
     p.add_argument("--per-label", type=int, default=20, help="training rows per intent (77 intents)")
@@ -115,26 +156,11 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = Path(result.model_dir)
     backends = load_backends(model_dir, artifact, manifest, args.threads)
     singles = tokenized(model_dir, result.heldout_texts[:100], MAX_SEQ_LEN, 1)
-    # The parity gate already ran every variant (and PyTorch) over the whole dev split: its
-    # accuracies are the table's, no second pass needed.
-    par = manifest["parity"]
-    acc = {"pytorch-fp32": (par["fp32"]["reference_accuracy"], par["fp32"]["reference_macro_f1"])}
-    acc.update({f"onnx-{v}": (p["accuracy"], p["macro_f1"]) for v, p in par.items() if "macro_f1" in p})
-
+    latencies = {b.name: latency_ms(b, singles)["p50_ms"] for b in backends}
+    sizes = {b.name: b.size_bytes for b in backends}
     print(f"\nbanking77 dev, {len(result.heldout_texts)} texts; training {train_s:.0f} s, export {export_s:.0f} s; "
           f"artifact: {artifact}")  # fmt: skip
-    print(f"{'variant':14} {'accuracy':>9} {'macro-F1':>9} {'size MB':>8} {'p50 ms (1 text)':>16}  gate")
-    for b in backends:
-        lat = latency_ms(b, singles)
-        v = b.name.removeprefix("onnx-")
-        par = manifest["parity"].get(v)
-        gate = (
-            "reference"
-            if par is None
-            else ("published" if par["passed"] else "held back: " + "; ".join(par["reasons"]))
-        )
-        print(f"{b.name:14} {100 * acc[b.name]['accuracy']:8.2f}% {acc[b.name]['macro_f1']:9.4f} "
-              f"{b.size_bytes / 1e6:8.1f} {lat['p50_ms']:16.2f}  {gate}")  # fmt: skip
+    print(format_table(table_rows(manifest, latencies, sizes)))
     print(
         "\nfp16 is meant for GPUs (CUDAExecutionProvider); here ONNX Runtime's CPU kernels run it for the gate."
     )
