@@ -491,16 +491,25 @@ def spawn(cfg: StackConfig, timeout_s: float = 180.0) -> dict:
             cwd=str(cfg.project_dir),
         )
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        st = read_state(sd)
-        if st and st["pid"] == proc.pid:
-            return st
-        if proc.poll() is not None:
-            tail = (sd / "supervisor.out").read_text(errors="replace")[-3000:]
-            raise RuntimeError(f"local stack exited with {proc.returncode}:\n{tail}")
-        time.sleep(0.2)
-    proc.terminate()
-    raise TimeoutError(f"local stack not up after {timeout_s}s (see {sd}/stack.log)")
+    try:
+        while time.monotonic() < deadline:
+            st = read_state(sd)
+            if st and st["pid"] == proc.pid:
+                return st
+            if proc.poll() is not None:
+                tail = (sd / "supervisor.out").read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"local stack exited with {proc.returncode}:\n{tail}")
+            time.sleep(0.2)
+        raise TimeoutError(f"local stack not up after {timeout_s}s (see {sd}/stack.log)")
+    except BaseException:  # interrupted or failed while starting: leave nothing running
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        raise
 
 
 def stop(state_dir: Path, timeout_s: float = 90.0) -> bool:
