@@ -142,6 +142,36 @@ def raw_session(
     return out
 
 
+def raw_unpublished_int8(artifact: Path, texts: list[str], *, seconds: float) -> float | None:
+    """Texts/s of the artifact's int8 file on length-sorted batches of 32, when the file is there
+    but the parity gate did not publish it (the server rightly refuses to serve it): what the CPU
+    path gains with a model whose int8 variant passes. None when int8 is published or absent."""
+    import onnxruntime as ort
+
+    from inference.runtime import load_classifier
+
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    v = manifest["variants"].get("int8")
+    if not v or v.get("published") or not (artifact / v["file"]).is_file():
+        return None
+    clf = load_classifier(artifact, max_tokens_per_text=128)  # for the tokenizer and padding
+    so = ort.SessionOptions()
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    clf.session = ort.InferenceSession(str(artifact / v["file"]), so, providers=["CPUExecutionProvider"])
+    order = sorted((e.ids for e in clf.encode(texts)), key=len)
+    batches = [order[i : i + 32] for i in range(0, len(order), 32)]
+    random.Random(1).shuffle(batches)
+    clf.logits(batches[0])
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        for batch in batches:
+            clf.logits(batch)
+            n += len(batch)
+            if time.perf_counter() - t0 >= seconds:
+                break
+    return n / (time.perf_counter() - t0)
+
+
 def batcher_in_process(artifact: Path, texts: list[str], *, clients: int, seconds: float) -> dict:
     """The server's batching pipeline (``inference.batching.Batcher``) without HTTP: ``clients``
     coroutines each submitting one text at a time. Separates the cost of batching from the cost
@@ -436,7 +466,7 @@ def paired_rounds(
     kept: the CPU is shared with other work whose load drifts over minutes, and alternating
     short rounds exposes every system to the same drift, so the ratios hold even when the
     absolute numbers move. CPU time per text is recorded too (whole server process, all threads)."""
-    keys = ("raw_sorted", "raw_arrival", "batcher", "naive", "server",
+    keys = ("raw_sorted", "raw_arrival", "raw_int8_unpublished", "batcher", "naive", "server",
             "raw_sorted_cpu_ms", "batcher_cpu_ms", "naive_cpu_ms", "server_cpu_ms")  # fmt: skip
     per: dict[str, list[float]] = {k: [] for k in keys}
 
@@ -457,6 +487,9 @@ def paired_rounds(
         per["raw_sorted"].append(best["sorted"])
         per["raw_sorted_cpu_ms"].append(best["sorted_cpu_ms_per_text"])
         per["raw_arrival"].append(max(r["arrival"] for r in raws))
+        int8 = raw_unpublished_int8(artifact, texts, seconds=secs / 2)
+        if int8 is not None:
+            per["raw_int8_unpublished"].append(int8)
         bat = batcher_in_process(artifact, texts, clients=64, seconds=secs)
         per["batcher"].append(bat["texts_per_s"])
         per["batcher_cpu_ms"].append(bat["cpu_ms_per_text"])
@@ -464,7 +497,7 @@ def paired_rounds(
         http_round("naive", 4)
         http_round("server", 64)
         print(f"  round {i + 1}: raw sorted {per['raw_sorted'][-1]:.0f} texts/s ({per['raw_sorted_cpu_ms'][-1]:.2f} CPU ms/text), raw arrival {per['raw_arrival'][-1]:.0f}, batcher {per['batcher'][-1]:.0f} ({per['batcher_cpu_ms'][-1]:.2f}), naive {per['naive'][-1]:.0f} req/s ({per['naive_cpu_ms'][-1]:.2f}), server {per['server'][-1]:.0f} req/s ({per['server_cpu_ms'][-1]:.2f}), load {os.getloadavg()[0]:.1f}", flush=True)  # fmt: skip
-    med = {k: statistics.median(v) for k, v in per.items()}
+    med = {k: statistics.median(v) for k, v in per.items() if v}
     return {"rounds": per, "median": med, "variant": raws[0]["variant"], "provider": raws[0]["provider"]}
 
 
@@ -564,6 +597,8 @@ def print_tables(r: dict) -> None:
     print(f"| naive: PyTorch pipeline, one request at a time | {med['naive']:.0f} req/s | {naive['sustained_rate_p99_100ms']} req/s |")  # fmt: skip
     print(f"| raw ONNX Runtime session, length-sorted batches of 32, no HTTP | {med['raw_sorted']:.0f} texts/s | - |")  # fmt: skip
     print(f"| raw ONNX Runtime session, arrival-order batches of 32, no HTTP | {med['raw_arrival']:.0f} texts/s | - |")  # fmt: skip
+    if "raw_int8_unpublished" in med:
+        print(f"| raw session, int8 file the parity gate did not publish, sorted batches (not servable) | {med['raw_int8_unpublished']:.0f} texts/s | - |")  # fmt: skip
     print(f"| the server's batcher in-process (64 clients, one text each), no HTTP | {med['batcher']:.0f} texts/s | - |")  # fmt: skip
     print(f"| this server | {med['server']:.0f} req/s | {server['sustained_rate_p99_100ms']} req/s |")
     print(f"\nCPU time per text (medians; server and naive: their whole process incl. HTTP, excluding the load generator): raw sorted {med['raw_sorted_cpu_ms']:.2f} ms, batcher in-process {med['batcher_cpu_ms']:.2f} ms, server {med['server_cpu_ms']:.2f} ms, naive {med['naive_cpu_ms']:.2f} ms")  # fmt: skip
