@@ -514,7 +514,13 @@ def main(argv: list[str] | None = None) -> int:
     if not raw:
         print("error: no user data", file=sys.stderr)
         return 2
-    settings = AgentSettings.from_user_data(json.loads(raw))
+    return run_agent(json.loads(raw), imds)
+
+
+def run_agent(user_data: dict, imds: Imds | None = None) -> int:
+    """Run the agent for already-parsed inference user data (``nlpfleet-instance`` hands over here)."""
+    imds = imds or Imds(os.environ.get("NLPFLEET_IMDS_URL", IMDS_URL))
+    settings = AgentSettings.from_user_data(user_data)
     agent = Agent(settings, imds, make_clients(settings))
     signal.signal(signal.SIGTERM, lambda *_: agent.stop_event.set())
     return agent.run()

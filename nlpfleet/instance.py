@@ -331,7 +331,12 @@ def run_inference(data: dict) -> int:
     import importlib
 
     agent = importlib.import_module("inference.agent")
-    return int(agent.main(data) or 0)
+    try:
+        return int(agent.run_agent(data) or 0)
+    except ValueError as e:  # bad inference user data: say what is wrong, no crash loop
+        log.error("inference user data refused: %s", e)
+        print(f"error: inference user data refused: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -248,3 +248,12 @@ def test_a_superseded_attempt_cannot_write_to_the_job(aws, client, tmp_path):  #
     assert instance.main(["--user-data", str(old)]) == instance.EXIT_FAILED
     now = client.http.get(f"/jobs/{job['job_id']}").json_body
     assert now["state"] == "LAUNCHED" and now["attempt"] == 2 and now["result"] is None
+
+
+def test_inference_role_hands_its_user_data_to_the_agent(tmp_path, capsys):
+    """``nlpfleet-instance`` with role inference runs the agent on the parsed user data; data the
+    agent cannot use is refused with a message naming the missing key, not a traceback."""
+    ud = tmp_path / "user-data.json"
+    ud.write_text(json.dumps({"role": "inference", "region": REGION}))
+    assert instance.main(["--user-data", str(ud)]) == instance.EXIT_BAD_INPUT
+    assert "active_model_param" in capsys.readouterr().err
