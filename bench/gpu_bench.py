@@ -11,8 +11,10 @@ no model hub is reachable; speed does not depend on the weights):
    time) vs the raw session on pre-formed batches vs ``python -m inference.server`` (which picks
    TensorRT → CUDA → CPU by itself), with the same load tools as ``bench/bench_server.py``.
 
-    pip install -c constraints.txt -e '.[gpu,training,dev]'   # onnxruntime-gpu (CUDA 13 build)
-    pip install tensorrt-cu13                                 # TensorRT libs for the TensorRT EP
+    pip install -c constraints.txt -e '.[gpu,training,dev]'
+    # onnxruntime (CPU, from 'training') and onnxruntime-gpu share a module: keep the GPU one
+    pip uninstall -y onnxruntime onnxruntime-gpu && pip install -c constraints.txt onnxruntime-gpu
+    pip install tensorrt-cu13          # TensorRT 10 libraries for the TensorRT EP (CUDA 13)
     apt-get install -y wrk
     python bench/gpu_bench.py [--models minilm,bert-base] [--seconds 4] [--out gpu.json]
 
