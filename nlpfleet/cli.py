@@ -395,11 +395,14 @@ def cmd_logs(args) -> int:
     else:
         path = sd / "instances" / args.target / "console.log"
         if not path.exists():  # a job id: its instances' consoles
-            matches = [
-                d / "console.log"
-                for d in sorted((sd / "instances").glob("i-*"))
-                if args.target in (d / "user-data.json").read_text()
-            ]
+            matches = sorted(
+                (
+                    d / "console.log"
+                    for d in (sd / "instances").glob("i-*")
+                    if (d / "user-data.json").exists() and args.target in (d / "user-data.json").read_text()
+                ),
+                key=lambda p: p.stat().st_mtime,
+            )  # the job's latest attempt last
             if not matches:
                 raise CliError(f"no log for {args.target} under {sd}")
             path = matches[-1]
