@@ -54,8 +54,8 @@ class DemoConfig:
     out_dir: Path = field(default_factory=lambda: REPO / "out" / "demo")  # git-ignored
     # the job
     classes: int | None = None  # None: all 77 intents
-    per_class_train: int | None = None  # None: the whole training set (10,003 texts)
-    per_class_dev: int | None = 20  # 1,540 of the 3,080 dev texts
+    per_class_train: int | None = None  # None: the whole training split (9,038 texts)
+    per_class_dev: int | None = 20  # up to 20 per intent of the 965 dev texts
     epochs: int = 1
     learning_rate: float = 2e-4
     batch_size: int = 32
