@@ -39,6 +39,7 @@ asynchronous invocation makes 1 + 2 retries) the event is dropped and recorded i
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib
 import importlib.util
 import json
@@ -109,9 +110,12 @@ def load_handler(handler: str, app_dir: str | Path):
             sys.path.remove(app_dir)
         sys.path.insert(0, app_dir)
         path = Path(app_dir, *module_name.split(".")).with_suffix(".py")
-        spec = importlib.util.spec_from_file_location(module_name, path)
+        # A private module name: a second app directory in the same process (tests) must not
+        # replace, or be replaced by, the ``app`` module other code imported.
+        private = f"_nlpfleet_lambda_{hashlib.sha1(app_dir.encode()).hexdigest()[:10]}_{module_name}"
+        spec = importlib.util.spec_from_file_location(private, path)
         module = importlib.util.module_from_spec(spec)
-        sys.modules[module_name] = module
+        sys.modules[private] = module
         spec.loader.exec_module(module)
         _MODULES[key] = module
     return getattr(_MODULES[key], attr)

@@ -238,18 +238,11 @@ class Traffic:
 
 
 @pytest.fixture(scope="module")
-def texts(data_dir_module) -> list[str]:
+def texts(data_dir) -> list[str]:
     import csv
 
-    with open(data_dir_module / "banking77" / "dev.csv", newline="") as f:
+    with open(data_dir / "banking77" / "dev.csv", newline="") as f:
         return [r["text"] for r in csv.DictReader(f)][:200]
-
-
-@pytest.fixture(scope="module")
-def data_dir_module():
-    from conftest import shared_data_dir
-
-    return shared_data_dir()
 
 
 def test_warm_up_serve_rollout_and_drain_under_load(cloud, trained_artifact, tmp_path, texts):
