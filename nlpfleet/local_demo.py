@@ -65,12 +65,12 @@ class DemoConfig:
     # the fleet and the replay
     speed: float = 6.0  # local clock: the per-minute autoscaler decides every 10 s
     max_size: int = 4
-    trace_start: str = "1995-07-12T03:00:00-04:00"  # a Wednesday, from the night before to the night after
+    trace_start: str = "1995-07-12T06:00:00-04:00"  # a Wednesday morning to the next morning (EDT)
     trace_minutes: int = 24 * 60
     trace_minutes_per_s: float = 6.0  # a trace day in 4 minutes
     rps_per_req_per_min: float = 0.15  # the trace's requests/minute become this many requests/second
-    settle_s: float = 90.0  # after the replay: wait for the night's scale-in
-    target_inflight: float = 0.3  # in-flight requests per instance the autoscaler aims for (this box)
+    settle_s: float = 120.0  # after the replay: wait for the night's scale-in
+    target_inflight: float = 0.06  # in-flight requests per instance the autoscaler aims for (this box)
     env: dict[str, str] = field(default_factory=dict)  # handler environment overrides
     quiet: bool = False
 
@@ -379,6 +379,8 @@ def replay_trace(cfg: DemoConfig, s: Session, hooks=None) -> list:
         f"{cfg.trace_minutes / cfg.trace_minutes_per_s:.0f}s: {len(plan)} requests",
     )
 
+    tz = datetime.fromisoformat(cfg.trace_start).tzinfo or UTC  # the trace's local time
+
     def tick(now, minute):
         if hooks is not None:
             hooks.during_replay(s, now)
@@ -389,7 +391,7 @@ def replay_trace(cfg: DemoConfig, s: Session, hooks=None) -> list:
                 states[i["LifecycleState"]] = states.get(i["LifecycleState"], 0) + 1
             say(
                 cfg,
-                f"  t={now:5.0f}s trace {datetime.fromtimestamp(trace[minute][0], UTC):%H:%M} UTC "
+                f"  t={now:5.0f}s trace {datetime.fromtimestamp(trace[minute][0], tz):%a %H:%M} "
                 f"({counts[minute]} req/min): desired {g.get('DesiredCapacity')}, {states}",
             )
 
