@@ -133,6 +133,7 @@ class Faults(Hooks):
         }
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_product_end_to_end_with_faults(tmp_path, data_dir):
     faults = Faults()
