@@ -93,8 +93,8 @@ def format_table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m nlpfleet.demo", description=__doc__)
-    p.add_argument("--per-label", type=int, default=20, help="training rows per intent (77 intents)")
-    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--per-label", type=int, default=30, help="training rows per intent (77 intents)")
+    p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--work", type=Path, default=REPO / "out" / "demo")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
