@@ -26,6 +26,7 @@ import csv
 import json
 import os
 import random
+import shutil
 import signal
 import sys
 import threading
@@ -182,6 +183,7 @@ def start_stack(cfg: DemoConfig) -> dict:
     from localstack.stack import StackConfig, spawn, stop
 
     stop(cfg.state_dir, timeout_s=30)  # a previous run that was interrupted
+    shutil.rmtree(cfg.state_dir, ignore_errors=True)  # this run's logs and instances only
     scfg = StackConfig(state_dir=cfg.state_dir, speed=cfg.speed)
     # deployment parameters for one small machine: a small group, short hook timeouts
     scfg.parameters.update(
