@@ -32,7 +32,7 @@ test: $(STAMP) tools lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
 demo: $(STAMP)
-	$(BIN)/python -m nlpfleet.demo
+	$(BIN)/python -m nlpfleet.local_demo
 
 # Benchmarks print their comparison tables and write JSON/PNG under bench/results/.
 # The pipeline benchmark trains for tens of minutes on 2 cores; the others take a few.
