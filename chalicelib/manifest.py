@@ -81,7 +81,9 @@ def validate_manifest(doc: object) -> dict:
         raise ManifestError(problems)
 
     if doc["schema_version"] != SCHEMA_VERSION:
-        problems.append(f"schema_version {doc['schema_version']} is not supported (expected {SCHEMA_VERSION})")
+        problems.append(
+            f"schema_version {doc['schema_version']} is not supported (expected {SCHEMA_VERSION})"
+        )
     if not _NAME_RE.match(doc["name"]):
         problems.append("field 'name' must match [a-z0-9][a-z0-9._-]{0,63}")
     if not _VERSION_RE.match(doc["version"]):
@@ -121,8 +123,14 @@ def validate_manifest(doc: object) -> dict:
         if not isinstance(v, dict):
             problems.append(f"{where} must be an object")
             continue
-        for key, typ in (("file", str), ("sha256", str), ("size", int), ("precision", str),
-                         ("provider", str), ("published", bool)):
+        for key, typ in (
+            ("file", str),
+            ("sha256", str),
+            ("size", int),
+            ("precision", str),
+            ("provider", str),
+            ("published", bool),
+        ):
             if key not in v:
                 problems.append(f"{where}: missing field '{key}'")
             elif not isinstance(v[key], typ):
