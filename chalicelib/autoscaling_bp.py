@@ -12,6 +12,11 @@ Functions (Chalice names them after the handlers):
 * ``apply_capacity_floor``       EventBridge cron, every 30 minutes (floors per stage, time zone)
 * ``on_instance_launch_action``  ``aws.autoscaling`` / ``EC2 Instance-launch Lifecycle Action``
 * ``on_instance_terminate_action`` ``aws.autoscaling`` / ``EC2 Instance-terminate Lifecycle Action``
+
+Time: every handler decides at ``event_time(event)``, the later of the event's ``time`` and the
+wall clock (see there). The fleet is held at zero while no model is active: an instance can only
+warm up by loading the active model, so one launched before a model exists would be abandoned and
+replaced in a loop.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, replace
+from datetime import datetime
 from typing import Any
 
 from chalice import Blueprint, Cron, Rate
@@ -38,7 +44,7 @@ from chalicelib.lifecycle import (
     parse_lifecycle_event,
     sweep,
 )
-from chalicelib.scaling import PolicyInput, PolicyState, decide, scheduled_floor
+from chalicelib.scaling import Decision, FleetCounts, PolicyInput, PolicyState, decide, scheduled_floor
 from chalicelib.scaling_settings import ScalingSettings
 
 autoscaling = Blueprint(__name__)
@@ -53,14 +59,50 @@ class ScalingAdapters:
     asg: Any
     metrics: Any
     store: Any
+    model: Any  # the active-model parameter (``get()`` -> dict or None)
 
     @classmethod
     def from_settings(cls, s: ScalingSettings) -> ScalingAdapters:
         from chalicelib.aws import Clients
         from chalicelib.fleet import AutoScalingGroup, FleetMetrics, ScalingStore
+        from chalicelib.storage import ActiveModel
 
         clients = Clients(os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1")
-        return cls(AutoScalingGroup(clients), FleetMetrics(clients), ScalingStore(clients, s.state_table))
+        return cls(
+            AutoScalingGroup(clients),
+            FleetMetrics(clients),
+            ScalingStore(clients, s.state_table),
+            ActiveModel(clients, s.active_model_param),
+        )
+
+
+def event_time(raw: dict[str, Any], wall: float | None = None) -> float:
+    """When a handler decides: the later of the event's ``time`` and the wall clock.
+
+    EventBridge stamps a scheduled event with the time its schedule fired, and Lambda runs the
+    handler at or after it: on AWS that is the wall clock within seconds, and a retried (late)
+    delivery still decides on the present. An AWS stand-in whose clock runs faster than this
+    machine's (the local stack's clock) stamps times ahead of the wall clock: the handler then
+    follows that clock, as do the lifecycle actions and metric timestamps of the same stand-in.
+
+    >>> event_time({"time": "2026-11-26T10:00:00Z"}, wall=1795687000.0)
+    1795687200.0
+    >>> event_time({"time": "2026-11-26T10:00:00Z"}, wall=1795687230.0)
+    1795687230.0
+    >>> event_time({}, wall=5.0)
+    5.0
+    """
+    wall = time.time() if wall is None else wall
+    try:
+        stamped = datetime.fromisoformat(str(raw.get("time", "")).replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return wall
+    return max(stamped, wall)
+
+
+def _has_active_model(ad: ScalingAdapters) -> bool:
+    active = ad.model.get()
+    return bool(active and active.get("uri"))
 
 
 def _log(event_name: str, **fields: Any) -> dict[str, Any]:
@@ -103,7 +145,10 @@ def handle_scale(s: ScalingSettings, ad: ScalingAdapters, now: float) -> dict[st
     floor = scheduled_floor(now, s.floor_schedule, s.time_zone)
     fleet = group.counts(max_size=s.max_size)
     fleet = replace(fleet, min_size=max(fleet.min_size, s.min_size))
-    decision = decide(s.policy, PolicyInput(metrics, fleet, floor), state, s, now)
+    if _has_active_model(ad):
+        decision = decide(s.policy, PolicyInput(metrics, fleet, floor), state, s, now)
+    else:
+        decision = no_model_decision(fleet, state, s)
     fields = {
         "asg": s.asg_name,
         "desired": decision.desired,
@@ -118,12 +163,23 @@ def handle_scale(s: ScalingSettings, ad: ScalingAdapters, now: float) -> dict[st
         ad.store.save_policy_state(s.asg_name, decision.state.to_dict(), version, fields)
     except ConcurrentUpdate:
         return _log("scaling_skipped", reason="another invocation decided this minute", **fields)
-    if decision.desired != group.desired:
+    if decision.desired != group.desired or decision.desired < group.min_size:
         if s.dry_run:
             fields["dry_run"] = f"would have set desired capacity {group.desired} -> {decision.desired}"
+        elif decision.desired < group.min_size:  # only without a model: the floor goes too
+            ad.asg.set_min_size(s.asg_name, decision.desired, decision.desired)
         else:
             ad.asg.set_desired(s.asg_name, decision.desired)
     return _log("scaling_decision", **fields)
+
+
+def no_model_decision(fleet: FleetCounts, state: PolicyState, s: ScalingSettings) -> Decision:
+    """Zero instances while the active-model parameter is unset, whatever the floors say: an
+    instance warms up by loading the active model, so without one it would be abandoned at
+    warm-up and replaced, again and again. The rollout of the first model lifts the hold."""
+    reason = f"hold at 0: no active model ({s.active_model_param} unset)"
+    fields = {"policy": s.policy, "previous_desired": fleet.desired, "need": 0}
+    return Decision(0, reason, state, fields)
 
 
 def handle_capacity_floor(s: ScalingSettings, ad: ScalingAdapters, now: float) -> dict[str, Any]:
@@ -134,6 +190,9 @@ def handle_capacity_floor(s: ScalingSettings, ad: ScalingAdapters, now: float) -
     floor = min(floor, group.max_size)
     desired = max(group.desired, floor)
     fields = {"asg": s.asg_name, "min_size": floor, "previous_min_size": group.min_size, "desired": desired}
+    if not _has_active_model(ad):  # see no_model_decision: no floor without a model to serve
+        floor = desired = 0
+        fields.update(min_size=0, desired=0, reason=f"no active model ({s.active_model_param} unset)")
     if floor == group.min_size and desired == group.desired:
         return _log("capacity_floor", action="unchanged", **fields)
     if s.dry_run:
@@ -187,13 +246,13 @@ def _settings() -> ScalingSettings:
 @autoscaling.schedule(Rate(1, unit=Rate.MINUTES), name="scale_inference_fleet")
 def scale_inference_fleet(event):
     s = _settings()
-    return handle_scale(s, ScalingAdapters.from_settings(s), time.time())
+    return handle_scale(s, ScalingAdapters.from_settings(s), event_time(event.to_dict()))
 
 
 @autoscaling.schedule(Cron("0,30", "*", "*", "*", "?", "*"), name="apply_capacity_floor")
 def apply_capacity_floor(event):
     s = _settings()
-    return handle_capacity_floor(s, ScalingAdapters.from_settings(s), time.time())
+    return handle_capacity_floor(s, ScalingAdapters.from_settings(s), event_time(event.to_dict()))
 
 
 @autoscaling.on_cw_event(
@@ -201,7 +260,8 @@ def apply_capacity_floor(event):
 )
 def on_instance_launch_action(event):
     s = _settings()
-    return handle_lifecycle(event.to_dict(), s, ScalingAdapters.from_settings(s), time.time())
+    raw = event.to_dict()
+    return handle_lifecycle(raw, s, ScalingAdapters.from_settings(s), event_time(raw))
 
 
 @autoscaling.on_cw_event(
@@ -210,4 +270,5 @@ def on_instance_launch_action(event):
 )
 def on_instance_terminate_action(event):
     s = _settings()
-    return handle_lifecycle(event.to_dict(), s, ScalingAdapters.from_settings(s), time.time())
+    raw = event.to_dict()
+    return handle_lifecycle(raw, s, ScalingAdapters.from_settings(s), event_time(raw))

@@ -92,7 +92,21 @@ def aws(env):
     with mock_aws(), AsgLifecycle(clock=clock) as lc:
         asg = boto3.client("autoscaling", region_name=REGION)
         make_group(asg, boto3.client("ec2", region_name=REGION), boto3.client("dynamodb", region_name=REGION))
+        publish_model()
         yield {"asg": asg, "lc": lc, "clock": clock}
+
+
+ACTIVE_MODEL_PARAM = "/nlpfleet/dev/active-model"
+
+
+def publish_model():
+    """A model is active (what the rollout writes): the fleet may have instances."""
+    boto3.client("ssm", region_name=REGION).put_parameter(
+        Name=ACTIVE_MODEL_PARAM,
+        Value=json.dumps({"name": "banking77", "version": "1", "uri": "s3://b/models/banking77/1/"}),
+        Type="String",
+        Overwrite=True,
+    )
 
 
 def states(asg) -> dict[str, str]:

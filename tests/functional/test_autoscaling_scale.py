@@ -19,10 +19,12 @@ from chalicelib.scaling_settings import ScalingSettings
 NS = "nlpfleet"
 
 
-def publish(minutes_ago: range, per_instance_inflight: float, instances: int, throttled: float = 0.0):
+def publish(
+    minutes_ago: range, per_instance_inflight: float, instances: int, throttled: float = 0.0, now=None
+):
     """What ``instances`` agents publish for each minute (one datapoint per instance per metric)."""
     cw = boto3.client("cloudwatch", region_name=REGION)
-    now_min = int(time.time()) // 60 * 60
+    now_min = int(time.time() if now is None else now) // 60 * 60
     for ago in minutes_ago:
         ts = datetime.fromtimestamp(now_min - 60 * ago, UTC)
         dims = [{"Name": "AutoScalingGroupName", "Value": GROUP}]
@@ -148,3 +150,69 @@ def test_floor_schedule_runs_from_the_cron_rule(aws, client, monkeypatch):
     out = client.lambda_.invoke("apply_capacity_floor", scheduled_event(client)).payload
     assert out["action"] == "updated" and group(aws["asg"])["MinSize"] == 3
     assert group(aws["asg"])["DesiredCapacity"] == 3
+
+
+def at(seconds: float) -> dict:
+    """A Scheduled Event as EventBridge stamps it (``time``: when the schedule fired)."""
+    return {
+        "version": "0",
+        "id": "8d8d3a9c-2ad3-4a6f-8c1a-000000000001",
+        "detail-type": "Scheduled Event",
+        "source": "aws.events",
+        "account": "123456789012",
+        "time": datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "region": REGION,
+        "resources": ["arn:aws:events:us-east-1:123456789012:rule/scale"],
+        "detail": {},
+    }
+
+
+def test_the_decision_follows_the_schedule_time_of_a_clock_ahead_of_this_machine(aws, client):
+    """A stand-in whose clock runs ahead (the local stack's) stamps its schedule and the agents'
+    datapoints on that clock: the decision reads the minutes before the event's ``time``."""
+    asg = aws["asg"]
+    in_service(asg, 2)
+    ahead = time.time() + 6 * 3600
+    publish(range(2, 12), per_instance_inflight=24.0, instances=2, now=ahead)  # 3x the target
+    out = client.lambda_.invoke("scale_inference_fleet", at(ahead)).payload
+    assert out["metrics_minutes"] == 10 and out["desired"] == 6 and "scale-out" in out["reason"]
+    # an hour later on that clock, those minutes have left the policy's half-hour window
+    later = client.lambda_.invoke("scale_inference_fleet", at(ahead + 3600)).payload
+    assert later["metrics_minutes"] == 0
+
+
+def test_a_late_delivery_decides_on_the_present_not_on_the_schedule_time(aws, client):
+    asg = aws["asg"]
+    in_service(asg, 2)
+    publish(range(2, 12), per_instance_inflight=24.0, instances=2)  # now, on the wall clock
+    out = client.lambda_.invoke("scale_inference_fleet", at(time.time() - 2 * 3600)).payload
+    assert out["metrics_minutes"] == 10 and out["desired"] == 6
+
+
+def test_no_instance_is_launched_before_a_model_is_active(aws, client):
+    """With a floor of one (SCALING_MIN_SIZE, the group's MinSize, the schedule) and no active
+    model, the fleet stays at zero: an instance could only warm up, fail to load a model, be
+    abandoned and replaced. The first rollout lifts the hold."""
+    asg = aws["asg"]
+    boto3.client("ssm", region_name=REGION).delete_parameter(Name="/nlpfleet/dev/active-model")
+    asg.update_auto_scaling_group(AutoScalingGroupName=GROUP, MinSize=1, DesiredCapacity=1)
+    env = {
+        "INFERENCE_ASG_NAME": GROUP,
+        "SCALING_STATE_TABLE": TABLE,
+        "SCALING_MIN_SIZE": "1",
+        "SCALING_FLOOR_SCHEDULE": "mon-sun 00:00-24:00=2",
+    }
+    s = ScalingSettings.from_env(env)
+    out = handle_scale(s, ScalingAdapters.from_settings(s), time.time())
+    assert out["desired"] == 0 and "no active model" in out["reason"]
+    g = group(asg)
+    assert g["DesiredCapacity"] == 0 and g["MinSize"] == 0
+    floor = handle_capacity_floor(s, ScalingAdapters.from_settings(s), time.time())
+    assert floor["min_size"] == 0 and "no active model" in floor["reason"]
+    assert group(asg)["MinSize"] == 0 and group(asg)["DesiredCapacity"] == 0
+    # the model is published: the floors apply again
+    from test_autoscaling_lifecycle import publish_model
+
+    publish_model()
+    again = handle_scale(s, ScalingAdapters.from_settings(s), time.time())
+    assert again["desired"] == 2 and "no active model" not in again["reason"]
