@@ -94,6 +94,9 @@ EC2_STATE = "EC2 Instance State-change Notification"
 SPOT_WARNING = "EC2 Spot Instance Interruption Warning"
 OBJECT_CREATED = "Object Created"
 SIDECAR_SUFFIX = ".job.json"
+# A held-out split uploaded beside its training file (``datasets/banking77/dev.csv``) is read by
+# the job whose spec names it (``eval_uri``); it must not start a second job of its own.
+HELD_OUT_STEMS = frozenset({"dev", "val", "valid", "validation", "eval", "test", "heldout"})
 _MANIFEST_RE = re.compile(
     r"^models/([a-z0-9][a-z0-9._-]{0,63})/([A-Za-z0-9][A-Za-z0-9._-]{0,63})/manifest\.json$"
 )
@@ -162,6 +165,12 @@ def parse_s3(env: Envelope) -> ObjectCreated:
             raise Skip(f"{key} is a job sidecar: it is read when its dataset lands (upload it first)")
         if common["size"] == 0:
             raise Skip(f"{key} is empty")
+        stem = key.rsplit("/", 1)[-1].split(".", 1)[0].lower()
+        if stem in HELD_OUT_STEMS:
+            raise Skip(
+                f"{key} is a held-out split ({stem}): it starts no job; name it in the training "
+                "file's job spec as eval_uri"
+            )
         return ObjectCreated(kind="dataset", **common)
     m = _MANIFEST_RE.match(key)
     if m:

@@ -39,12 +39,37 @@ def test_s3_dataset_and_manifest():
 
 
 @pytest.mark.parametrize(
-    "key", ["datasets/a.csv.job.json", "datasets/dir/", "models/m/v/model.onnx", "logs/x"]
+    "key",
+    [
+        "datasets/a.csv.job.json",
+        "datasets/dir/",
+        "models/m/v/model.onnx",
+        "logs/x",
+        "datasets/banking77/dev.csv",
+        "datasets/banking77/Test.jsonl.gz",
+        "datasets/imdb/validation.jsonl",
+    ],
 )
 def test_known_no_ops_are_skips(key):
     ev = load("s3_object_created_dataset.json")
     ev["detail"]["object"]["key"] = key
     with pytest.raises(Skip):
+        parse_event(ev)
+
+
+@pytest.mark.parametrize(
+    "key", ["datasets/banking77/train.csv", "datasets/devices.csv", "datasets/contest.csv"]
+)
+def test_training_files_are_datasets(key):
+    ev = load("s3_object_created_dataset.json")
+    ev["detail"]["object"]["key"] = key
+    assert parse_event(ev).kind == "dataset"
+
+
+def test_held_out_split_skip_names_the_fix():
+    ev = load("s3_object_created_dataset.json")
+    ev["detail"]["object"]["key"] = "datasets/banking77/dev.csv"
+    with pytest.raises(Skip, match="held-out split .*eval_uri"):
         parse_event(ev)
 
 
