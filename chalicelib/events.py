@@ -97,6 +97,9 @@ SIDECAR_SUFFIX = ".job.json"
 # A held-out split uploaded beside its training file (``datasets/banking77/dev.csv``) is read by
 # the job whose spec names it (``eval_uri``); it must not start a second job of its own.
 HELD_OUT_STEMS = frozenset({"dev", "val", "valid", "validation", "eval", "test", "heldout"})
+# What the workers read (training/data.py, nlpfleet/jobs_preprocess.py); anything else beside a
+# dataset (a README, a label list) would only launch an instance that fails on it.
+DATA_SUFFIXES = (".csv", ".jsonl", ".ndjson", ".json")
 _MANIFEST_RE = re.compile(
     r"^models/([a-z0-9][a-z0-9._-]{0,63})/([A-Za-z0-9][A-Za-z0-9._-]{0,63})/manifest\.json$"
 )
@@ -165,7 +168,10 @@ def parse_s3(env: Envelope) -> ObjectCreated:
             raise Skip(f"{key} is a job sidecar: it is read when its dataset lands (upload it first)")
         if common["size"] == 0:
             raise Skip(f"{key} is empty")
-        stem = key.rsplit("/", 1)[-1].split(".", 1)[0].lower()
+        name = key.rsplit("/", 1)[-1].lower()
+        if not name.endswith(DATA_SUFFIXES):
+            raise Skip(f"{key} is not a dataset file (expected {', '.join(DATA_SUFFIXES)}): it starts no job")
+        stem = name.split(".", 1)[0]
         if stem in HELD_OUT_STEMS:
             raise Skip(
                 f"{key} is a held-out split ({stem}): it starts no job; name it in the training "

@@ -255,6 +255,13 @@ def cmd_upload(args) -> int:
     bucket = args.bucket or _bucket(args)
     src = Path(args.path)
     files = sorted(p for p in src.iterdir() if p.is_file()) if src.is_dir() else [src]
+    if src.is_dir():  # the training file and its eval split: a README or label list is no dataset
+        left = [p.name for p in files if p.name not in (args.train_file, args.eval_file)]
+        files = [p for p in files if p.name in (args.train_file, args.eval_file)]
+        if not any(p.name == args.train_file for p in files):
+            raise CliError(f"{src} has no training file {args.train_file!r} (set --train-file)")
+        if left:
+            print(f"not uploaded (not the training or eval file): {', '.join(left)}")
     prefix = args.prefix.strip("/")
     train = next((p for p in files if p.name == args.train_file), files[0])
     spec = _spec(args)

@@ -46,7 +46,8 @@ def test_s3_dataset_and_manifest():
         "models/m/v/model.onnx",
         "logs/x",
         "datasets/banking77/dev.csv",
-        "datasets/banking77/Test.jsonl.gz",
+        "datasets/banking77/Test.jsonl",
+        "datasets/banking77/README.md",
         "datasets/imdb/validation.jsonl",
     ],
 )
