@@ -11,8 +11,10 @@ Lifecycle (EC2 Auto Scaling lifecycle hooks, see ``docs/autoscaling.md``):
    CONTINUE. If the model cannot be fetched, the server dies or warm-up passes
    ``warmup_timeout_s``: ABANDON (Auto Scaling terminates and replaces the instance).
 2. **Serving**: every ``poll_s`` look at IMDSv2 ``autoscaling/target-lifecycle-state`` and
-   ``spot/instance-action``; every ``metrics_period_s`` publish the server's in-flight, queue,
-   requests, 429s and p99 to CloudWatch (the metrics the scaling policy reads); every
+   ``spot/instance-action``; once per ``metrics_period_s`` of the wall clock (periods aligned
+   to it: one datapoint per instance per minute, stamped with the minute it covers) publish the
+   server's in-flight, queue, requests, 429s and p99 to CloudWatch (the metrics the scaling
+   policy reads); every
    ``model_poll_s`` compare the SSM parameter with the model served and hot-swap
    (``POST /admin/swap``); a refused swap leaves the old version serving and is not retried
    until the parameter changes again.
@@ -21,8 +23,10 @@ Lifecycle (EC2 Auto Scaling lifecycle hooks, see ``docs/autoscaling.md``):
    terminate hook (``nlpfleet-drain``) while it takes long, flush the last metrics, then
    CONTINUE. Scale-in never cuts an admitted request.
 
-The decisions are small pure functions (``next_step``, ``swap_wanted``); ``Agent`` only carries
-them out. Clock and sleep are injectable.
+The decisions are small pure functions (``next_step``, ``swap_wanted``, ``period_of``); ``Agent``
+only carries them out. Clock and sleep are injectable; so is the wall clock the datapoints are
+stamped with (``wall_clock``: this machine's on EC2; the local stack, whose AWS stand-in runs on
+a faster clock, hands its clock over in ``NLPFLEET_LOCAL_CLOCK``).
 """
 
 from __future__ import annotations
@@ -210,6 +214,54 @@ def swap_wanted(
     return json.dumps(dict(active), sort_keys=True) != refused
 
 
+def period_of(wall_s: float, period_s: float) -> float:
+    """Start of the metrics period holding ``wall_s`` (periods aligned to the wall clock).
+
+    >>> period_of(1795687234.5, 60.0)
+    1795687200.0
+    """
+    return (wall_s // period_s) * period_s
+
+
+@dataclass(frozen=True)
+class WallClock:
+    """The time CloudWatch datapoints carry: ``time.time()`` on EC2. An AWS stand-in on a faster
+    clock (the local stack) sets ``NLPFLEET_LOCAL_CLOCK="<wall epoch> <its epoch> <speed>"``:
+    its time is ``its epoch + (time.time() - wall epoch) x speed``.
+
+    >>> c = WallClock.from_env({"NLPFLEET_LOCAL_CLOCK": "1000 5000 6"})
+    >>> c.speed, c.at(1010.0)
+    (6.0, 5060.0)
+    >>> WallClock.from_env({}).speed
+    1.0
+    """
+
+    wall0: float = 0.0
+    virtual0: float = 0.0
+    speed: float = 1.0
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> WallClock:
+        raw = environ.get("NLPFLEET_LOCAL_CLOCK", "").split()
+        if not raw:
+            return cls()
+        try:
+            wall0, virtual0, speed = (float(x) for x in raw)
+        except ValueError:
+            raise ValueError(
+                f"NLPFLEET_LOCAL_CLOCK={' '.join(raw)!r}: want '<wall> <virtual> <speed>'"
+            ) from None
+        if speed <= 0:
+            raise ValueError("NLPFLEET_LOCAL_CLOCK: speed must be positive")
+        return cls(wall0, virtual0, speed)
+
+    def at(self, wall_s: float) -> float:
+        return self.virtual0 + (wall_s - self.wall0) * self.speed
+
+    def __call__(self) -> float:
+        return self.at(time.time())
+
+
 # ----------------------------------------------------------------------------- the agent
 
 
@@ -220,6 +272,7 @@ class Agent:
     clients: Callable[[str], Any]  # service name -> boto3 client
     clock: Callable[[], float] = time.monotonic
     sleep: Callable[[float], None] = time.sleep
+    wall: Callable[[], float] = field(default_factory=WallClock)  # datapoints' timestamps
     stop_event: threading.Event = field(default_factory=threading.Event)
     instance_id: str = ""
     asg_name: str = ""
@@ -228,6 +281,12 @@ class Agent:
     refused: str | None = None
     outcome: list[str] = field(default_factory=list)  # what happened, for logs and tests
     fetched: list[str] = field(default_factory=list)  # model directories this agent downloaded
+
+    def _every(self, seconds: float) -> float:
+        """A cadence (polls, heartbeats, metric periods) on the wall clock the datapoints carry:
+        real seconds on EC2; fewer on a stand-in whose clock runs faster, so that polls,
+        heartbeats and hook timeouts keep their proportions."""
+        return seconds / getattr(self.wall, "speed", 1.0)
 
     @property
     def base_url(self) -> str:
@@ -356,7 +415,7 @@ class Agent:
                 self._stop_server()
                 self._complete(s.launch_hook, "ABANDON")
                 return False
-            if self.clock() - last_beat >= s.heartbeat_interval_s:
+            if self.clock() - last_beat >= self._every(s.heartbeat_interval_s):
                 self._heartbeat(s.launch_hook)
                 last_beat = self.clock()
             self.sleep(min(0.5, s.poll_s))
@@ -396,14 +455,18 @@ class Agent:
         status, raw = self._http("GET", "/metrics")
         return parse_scrape(raw.decode()) if status == 200 else None
 
-    def _publish(self, values: dict[str, float]) -> None:
+    def _publish(self, values: dict[str, float], at_s: float) -> None:
+        from datetime import UTC, datetime
+
         from botocore.exceptions import ClientError
 
         dims = [{"Name": "AutoScalingGroupName", "Value": self.asg_name}]
+        stamp = datetime.fromtimestamp(at_s, UTC)
         data = [
             {
                 "MetricName": k,
                 "Dimensions": dims,
+                "Timestamp": stamp,
                 "Value": float(v),
                 "Unit": "Seconds" if k == "LatencyP99" else "Count",
             }
@@ -421,7 +484,9 @@ class Agent:
         s = self.settings
         last_scrape = self._scrape() or Scrape()
         gauges: list[tuple[float, float]] = []
-        period_start = last_model = self.clock()
+        last_model = self.clock()
+        period = period_of(self.wall(), s.metrics_period_s)
+        poll_s = self._every(s.poll_s)
         while not self.stop_event.is_set():
             obs = Observation(self.imds.target_lifecycle_state(), self.imds.spot_action(), self._alive())
             step = next_step(obs)
@@ -432,13 +497,14 @@ class Agent:
             cur = self._scrape()
             if cur is not None:
                 gauges.append((cur.inflight, cur.queue_depth))
-            if self.clock() - period_start >= s.metrics_period_s and cur is not None:
-                self._publish(minute_datapoints(last_scrape, cur, gauges))
-                last_scrape, gauges, period_start = cur, [], self.clock()
-            if self.clock() - last_model >= s.model_poll_s:
+            now_period = period_of(self.wall(), s.metrics_period_s)
+            if now_period > period and cur is not None:  # the period ended: its datapoints
+                self._publish(minute_datapoints(last_scrape, cur, gauges), period)
+                last_scrape, gauges, period = cur, [], now_period
+            if self.clock() - last_model >= self._every(s.model_poll_s):
                 self._maybe_swap()
                 last_model = self.clock()
-            self.sleep(s.poll_s)
+            self.sleep(poll_s)
         return "stopped"
 
     def drain(self) -> bool:
@@ -454,15 +520,15 @@ class Agent:
             if cur is not None:
                 gauges.append((cur.inflight, cur.queue_depth))
                 last = cur
-            if self.clock() - last_beat >= s.heartbeat_interval_s:
+            if self.clock() - last_beat >= self._every(s.heartbeat_interval_s):
                 self._heartbeat(s.terminate_hook)
                 last_beat = self.clock()
             if self.clock() - started > s.drain_timeout_s + s.drain_grace_s + 30:
                 log.error("server did not exit after the drain timeout: killing it")
                 self.server.kill()
             self.sleep(0.2)
-        if before is not None and last is not None and gauges:
-            self._publish(minute_datapoints(before, last, gauges))  # the drain's last datapoints
+        if before is not None and last is not None and gauges:  # the drain's last datapoints
+            self._publish(minute_datapoints(before, last, gauges), period_of(self.wall(), s.metrics_period_s))
         code = self.server.returncode if self.server is not None else None
         self.outcome.append(f"server-exit:{code}")
         log.info("drained in %.1fs (server exit %s)", self.clock() - started, code)
@@ -521,7 +587,7 @@ def run_agent(user_data: dict, imds: Imds | None = None) -> int:
     """Run the agent for already-parsed inference user data (``nlpfleet-instance`` hands over here)."""
     imds = imds or Imds(os.environ.get("NLPFLEET_IMDS_URL", IMDS_URL))
     settings = AgentSettings.from_user_data(user_data)
-    agent = Agent(settings, imds, make_clients(settings))
+    agent = Agent(settings, imds, make_clients(settings), wall=WallClock.from_env(os.environ))
     signal.signal(signal.SIGTERM, lambda *_: agent.stop_event.set())
     return agent.run()
 

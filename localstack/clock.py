@@ -50,13 +50,19 @@ class Clock:
         self.speed = speed
         self._mono = monotonic
         self._real0 = monotonic()
-        self._virt0 = time.time() if start is None else start
+        self._wall0 = time.time()
+        self._virt0 = self._wall0 if start is None else start
 
     def now(self) -> float:
         return self._virt0 + (self._mono() - self._real0) * self.speed
 
     def datetime(self) -> datetime:
         return datetime.fromtimestamp(self.now(), UTC)
+
+    def env_value(self) -> str:
+        """This clock for another process on this machine: ``"<wall epoch> <virtual epoch> <speed>"``
+        (``NLPFLEET_LOCAL_CLOCK``, read by the instance agent to stamp its datapoints)."""
+        return f"{self._wall0:.6f} {self._virt0:.6f} {self.speed:g}"
 
     def real_seconds(self, virtual_s: float) -> float:
         return virtual_s / self.speed

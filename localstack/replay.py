@@ -85,6 +85,7 @@ class Result:
     outcome: str  # ok | refused | failed
     target: str | None = None
     error: str | None = None
+    model: str | None = None  # "name/version" that answered
 
 
 def classify_outcome(status: int) -> str:
@@ -100,13 +101,25 @@ async def _one(client, url, text, sent_at, minute, t0, results, sem):
         start = time.monotonic()
         try:
             r = await client.post(url, json={"inputs": [text]})
-            status, target, error = r.status_code, r.headers.get("x-nlpfleet-target"), None
+            status, target, error, model = r.status_code, r.headers.get("x-nlpfleet-target"), None, None
             if status != 200:
                 error = r.text[:200]
-        except httpx.HTTPError as exc:
-            status, target, error = 0, None, f"{type(exc).__name__}: {exc}"[:200]
+            else:
+                m = r.json().get("model") or {}
+                model = f"{m.get('name')}/{m.get('version')}"
+        except (httpx.HTTPError, ValueError) as exc:
+            status, target, error, model = 0, None, f"{type(exc).__name__}: {exc}"[:200], None
         results.append(
-            Result(sent_at, minute, time.monotonic() - start, status, classify_outcome(status), target, error)
+            Result(
+                sent_at,
+                minute,
+                time.monotonic() - start,
+                status,
+                classify_outcome(status),
+                target,
+                error,
+                model,
+            )
         )
 
 
@@ -119,7 +132,10 @@ async def replay(
     max_outstanding: int = 256,
     on_tick=None,
 ) -> list[Result]:
-    """Send every planned request to ``url`` (POST ``{"inputs": [text]}``) at its offset."""
+    """Send every planned request to ``url`` (POST ``{"inputs": [text]}``) at its offset.
+
+    ``on_tick(seconds_since_start, trace_minute)`` is called about every second; when it returns
+    True the replay sends nothing more (requests already sent still get their outcome)."""
     results: list[Result] = []
     sem = asyncio.Semaphore(max_outstanding)
     limits = httpx.Limits(max_connections=max_outstanding, max_keepalive_connections=64)
@@ -133,7 +149,8 @@ async def replay(
                 await asyncio.sleep(delay)
             now = time.monotonic() - t0
             if on_tick and now >= next_tick:
-                on_tick(now, minute)
+                if on_tick(now, minute) is True:
+                    break
                 next_tick = now + 1.0
             text = texts[i % len(texts)]
             tasks.append(asyncio.create_task(_one(client, url, text, offset, minute, t0, results, sem)))

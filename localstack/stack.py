@@ -8,7 +8,9 @@
    parameters an operator would pass (here: moto's default VPC, subnets and an AMI id);
 3. the Chalice app's REST API behind Chalice's local server (what API Gateway does), and its
    event handlers behind the dispatcher (EventBridge rule → SQS → handler, as Lambda would);
-4. the local clock that fires scheduled rules (``speed`` × real time);
+4. the local clock (``speed`` × real time): it fires the scheduled rules and is the stand-in's
+   time for lifecycle actions (event times, hook timeouts) and the agents' datapoints
+   (``NLPFLEET_LOCAL_CLOCK``), so the autoscaler sees one consistent, faster time;
 5. EC2 instances as local processes (``localstack/instances.py``), Auto Scaling lifecycle
    behaviour moto lacks (``localstack/asg_lifecycle.py``), ASG health replacement of a crashed
    instance, and the load balancer
@@ -196,6 +198,8 @@ class LocalStack:
         env = {k: os.environ[k] for k in _PASS_ENV if k in os.environ}
         env.update(self.moto.env)
         env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"})
+        if self.clock is not None and self.clock.speed != 1.0:
+            env["NLPFLEET_LOCAL_CLOCK"] = self.clock.env_value()
         env.update(self.config.instance_env)
         return env
 
@@ -263,8 +267,10 @@ class LocalStack:
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
         t0 = time.monotonic()
         self.moto = MotoServer().start()
+        # the stand-in's time: schedules, lifecycle actions and the agents' datapoints follow it
+        self.clock = Clock(speed=cfg.speed)
         # Auto Scaling lifecycle hooks (waits, events, Complete/Heartbeat, timeouts) for moto
-        self.lifecycle = AsgLifecycle().install().start_ticker()
+        self.lifecycle = AsgLifecycle(clock=self.clock.now).install().start_ticker()
         template_path = self._package()
         self._template = load_template(template_path)
         log.info("template ready after %.1fs", time.monotonic() - t0)
@@ -280,7 +286,6 @@ class LocalStack:
         routes = self._routes(self.deployment)
         self.dispatcher = Dispatcher(routes, self.client).start()
         self._start_api(load_handler("app.app", cfg.project_dir))
-        self.clock = Clock(speed=cfg.speed)
         self.scheduler = Scheduler(self.clock, self.client).start()
         self.imds = Imds(self._imds_info, self.lifecycle.target_lifecycle_state).start()
         self.instances = InstanceManager(

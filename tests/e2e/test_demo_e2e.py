@@ -1,14 +1,15 @@
 """The whole product end to end on this machine (a shorter configuration of ``make demo``),
-with the fault cases injected through the same harness:
+with the fault cases injected through the same harness, on one stack:
 
 - a job instance terminated mid-training (as by a spot reclaim) is relaunched by the control
-  plane and resumes from its checkpoint; the job succeeds with accuracy above a floor;
+  plane and resumes from its checkpoint; the job succeeds with accuracy above a floor, and its
+  model is published and served (the autoscaler holds the fleet at zero until then);
 - the dataset's S3 event delivered twice creates one job;
 - a corrupt model upload is refused while the published model keeps serving;
-- the fleet scales out and back in through the lifecycle hooks (warm-up, drain) while the trace
-  is replayed, with zero failed admitted requests;
-- an inference instance killed without drain is replaced and the load balancer stops sending it
-  traffic;
+- while the trace is replayed: a new model version rolls out to the serving fleet, an inference
+  instance killed without drain is replaced and the load balancer stops sending it traffic, and
+  the fleet scales in through the drain hook, with zero failed admitted requests throughout
+  (it scaled out to three through the launch hook at the first rollout);
 - nothing keeps running afterwards.
 """
 
@@ -18,11 +19,12 @@ import re
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from nlpfleet.local_demo import Hooks, Session, run, short_config
 
-ACCURACY_FLOOR = 0.5  # ten intents (chance 10 %), 25 optimizer steps on 40 examples per intent
+ACCURACY_FLOOR = 0.5  # ten intents (chance 10 %), one epoch of 25 optimizer steps, 40 examples per intent
 
 
 def alive(pid: int) -> bool:
@@ -37,12 +39,15 @@ def alive(pid: int) -> bool:
 
 
 class Faults(Hooks):
-    def __init__(self):
+    def __init__(self, rollout_artifact: Path):
+        self.rollout_artifact = rollout_artifact
+        self.rollout_version = json.loads((rollout_artifact / "manifest.json").read_text())["version"]
         self.job_instance_killed = None
         self.dataset_event = None
-        self.seen = {}
-        self.floor_down_at = None
-        self.pids = set()
+        self.pids: set[int] = set()
+        self.t: dict[str, float] = {}  # when each step of the replay happened (seconds into it)
+        self.victim = None
+        self.replacement = None
 
     # -- training: terminate the job's instance once it has trained a few steps
     def job_progress(self, s: Session, job: dict) -> None:
@@ -51,9 +56,10 @@ class Faults(Hooks):
             self.dataset_event = next(
                 (e for e in route["recent"] if e["detail"]["object"]["key"].endswith("train.csv")), None
             )
+        self._pids(s)
         prog = job.get("progress") or {}
         inst = job.get("instance") or {}
-        if self.job_instance_killed is None and job["state"] == "RUNNING" and (prog.get("step") or 0) >= 8:
+        if self.job_instance_killed is None and job["state"] == "RUNNING" and (prog.get("step") or 0) >= 3:
             self.job_instance_killed = inst["instance_id"]
             s.ec2.terminate_instances(InstanceIds=[inst["instance_id"]])
 
@@ -69,86 +75,74 @@ class Faults(Hooks):
         )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            n = s.local()["dispatcher"]["OnObjectCreated"]["invocations"]
-            if n >= route["invocations"] + 2:
+            if s.local()["dispatcher"]["OnObjectCreated"]["invocations"] >= route["invocations"] + 2:
                 break
-            time.sleep(0.5)
+            time.sleep(0.2)
         out["jobs"] = [j["job_id"] for j in s.jobs()]
         out["models"] = s.api.get("/models").json()
-        # raise the floor to three instances: the fleet scales out through the launch hook
-        s.update_functions({"SCALING_MIN_SIZE": "3"})
         return out
 
-    def during_replay(self, s: Session, t: float) -> None:
+    # -- the fleet, under the trace's traffic: rollout, crash, scale-in
+    def during_replay(self, s: Session, t: float) -> str | None:
+        self._pids(s)
+        g = s.group()
+        states = {i["InstanceId"]: i["LifecycleState"] for i in g.get("Instances", [])}
+        healthy = [x["target_id"] for x in s.local()["lb"]["targets"] if x["state"] == "healthy"]
+        if "rollout" not in self.t and len(healthy) >= 3:
+            from inference.artifact import publish_artifact
+
+            uri = f"s3://{s.bucket}/models/banking77/{self.rollout_version}/"
+            publish_artifact(self.rollout_artifact, uri, s.s3)
+            self.t["rollout"] = t
+        elif "rollout" in self.t and "rolled_out" not in self.t:
+            if healthy and all(self._serves(s, i) == self.rollout_version for i in healthy):
+                self.t["rolled_out"] = t
+        elif "rolled_out" in self.t and self.victim is None:
+            self.victim = healthy[0]  # crash it: no drain, no lifecycle hook from its agent
+            self.before_kill = set(states)
+            s.kill(self.victim)
+            self.t["kill"] = t
+        elif self.victim is not None and self.replacement is None:
+            new = [i for i in healthy if i not in self.before_kill and states.get(i) == "InService"]
+            if new and states.get(self.victim) != "InService":
+                self.replacement = new[0]
+                self.t["replaced"] = t
+                s.update_functions({"SCALING_MIN_SIZE": "1"})  # the night: floor back to one
+        elif self.replacement is not None:
+            settled = not any(st.endswith(":Wait") for st in states.values())
+            if g.get("DesiredCapacity") == 1 and len(states) == 1 and settled:
+                self.t["scaled_in"] = t
+                return "scaled back in to one instance"
+        return None
+
+    @staticmethod
+    def _serves(s: Session, instance_id: str) -> str | None:
+        inst = next((i for i in s.local()["instances"] if i["instance_id"] == instance_id), None)
+        try:
+            r = httpx.get(f"http://127.0.0.1:{inst['port']}/readyz", timeout=2)
+            return r.json()["model"]["version"]
+        except (httpx.HTTPError, KeyError, TypeError, ValueError):
+            return None
+
+    def _pids(self, s: Session) -> None:
         for i in s.local()["instances"]:
             if i["pid"]:
                 self.pids.add(i["pid"])
-        if self.floor_down_at is None:
-            g = s.group()
-            in_service = sum(i["LifecycleState"] == "InService" for i in g.get("Instances", []))
-            if in_service >= 3:  # scaled out: let the night come (floor back to one)
-                self.floor_down_at = t
-                s.update_functions({"SCALING_MIN_SIZE": "1"})
-
-    def after_replay(self, s: Session) -> dict:
-        # kill a serving instance without drain, under light load
-        import asyncio
-
-        from localstack.replay import replay
-
-        # two instances serving (the floor at two), then one of them dies
-        s.update_functions({"SCALING_MIN_SIZE": "2"})
-        deadline = time.monotonic() + 90
-        serving = []
-        while time.monotonic() < deadline and len(serving) < 2:
-            serving = [t["target_id"] for t in s.local()["lb"]["targets"] if t["state"] == "healthy"]
-            time.sleep(1)
-        assert len(serving) >= 2, serving
-        victim = serving[0]
-        s.kill(victim)
-        t_kill = time.monotonic()
-        plan = [(0.1 * k, 0) for k in range(150)]  # 10 req/s for 15 s
-        results = asyncio.run(replay(s.lb_url + "/v1/classify", plan, ["I lost my card"]))
-        # replaced: a new instance completes its launch hook and serves
-        deadline = time.monotonic() + 60
-        replaced = False
-        while time.monotonic() < deadline and not replaced:
-            g = s.group()
-            ids = {i["InstanceId"]: i["LifecycleState"] for i in g.get("Instances", [])}
-            healthy = {t["target_id"] for t in s.local()["lb"]["targets"] if t["state"] == "healthy"}
-            replaced = ids.get(victim) != "InService" and any(
-                iid not in serving and st == "InService" and iid in healthy for iid, st in ids.items()
-            )
-            time.sleep(1)
-        lb = s.local()["lb"]
-        for i in s.local()["instances"]:
-            if i["pid"]:
-                self.pids.add(i["pid"])
-        return {
-            "victim": victim,
-            "replaced": replaced,
-            "kill_to_end_s": time.monotonic() - t_kill,
-            "results": [(r.sent_at, r.status, r.target) for r in results],
-            "victim_target": next((t for t in lb["targets"] if t["target_id"] == victim), None),
-        }
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)
-def test_product_end_to_end_with_faults(tmp_path, data_dir):
-    faults = Faults()
+@pytest.mark.timeout(400)
+def test_product_end_to_end_with_faults(tmp_path, data_dir, trained_artifact):
+    faults = Faults(Path(trained_artifact))
     cfg = short_config(
         state_dir=tmp_path / "stack",
         data_dir=data_dir,
         out_dir=tmp_path / "out",
-        env={"SCALING_SCALE_IN_STABILIZATION_S": "15", "SCALING_SCALE_IN_MAX_STEP_FRACTION": "1"},
+        env={"SCALING_SCALE_IN_STABILIZATION_S": "30", "SCALING_SCALE_IN_MAX_STEP_FRACTION": "1"},
     )
     summary = run(cfg, faults)
-    print(
-        json.dumps({k: summary.get(k) for k in ("job", "traffic", "decisions", "elapsed_s")}, default=str)[
-            :4000
-        ]
-    )
+    brief = {k: summary.get(k) for k in ("job", "traffic", "decisions", "phases", "elapsed_s")}
+    print(json.dumps({**brief, "replay_steps": faults.t}, default=str)[:4000])
 
     # the job: relaunched after its instance was terminated, resumed from its checkpoint
     job = summary["job"]
@@ -169,28 +163,33 @@ def test_product_end_to_end_with_faults(tmp_path, data_dir):
     after = summary["after_rollout"]
     assert after["jobs"] == [job["job_id"]]
     models = after["models"]
-    assert [m["version"] for m in models["models"]] == [summary["model"]["version"]]
+    job_version = summary["model"]["version"]
+    assert [m["version"] for m in models["models"]] == [job_version]
     assert any("corrupt-1" in bad["key"] for bad in models["invalid"])
-    assert models["active"]["version"] == summary["model"]["version"]
+    assert models["active"]["version"] == job_version
 
-    # scale-out and scale-in through the lifecycle hooks, no failed admitted request
+    # under traffic: the job's model served, then the new version rolled out, with no failure
     traffic = summary["traffic"]
-    assert traffic["served"] > 0
     assert traffic["failed"] == 0, traffic["failures"]
-    desired = [x["desired"] for x in summary["samples"]]
-    peak = desired.index(max(desired))
-    assert max(desired) >= 3 and min(desired[peak:]) <= 1  # out, then back in
-    hooks = summary["lifecycle"]
-    assert sum(a["kind"] == "launch" for a in hooks) >= 3
-    assert any(a["kind"] == "terminate" for a in hooks)
-    assert len({t for t in traffic["by_target"]}) >= 2  # more than one instance served
+    assert {"rollout", "rolled_out", "kill", "replaced", "scaled_in"} <= set(faults.t), faults.t
+    served = [(t, target, model) for t, status, target, model in summary["results"] if status == 200]
+    first, last = [m for _, _, m in served[:20]], [m for _, _, m in served[-20:]]
+    assert first and all(m == f"banking77/{job_version}" for m in first)
+    assert last and all(m == f"banking77/{faults.rollout_version}" for m in last)
 
     # a killed instance is replaced; the load balancer stops sending it traffic
-    kill = summary["after_replay"]
-    assert kill["replaced"]
-    late = [r for r in kill["results"] if r[0] > 5.0]  # after health checks noticed it
-    assert late and all(target != kill["victim"] for _, _, target in late)
+    late = [(t, status, target) for t, status, target, _ in summary["results"] if t > faults.t["kill"] + 5]
+    assert late and all(target != faults.victim for _, _, target in late)
     assert all(status == 200 for _, status, _ in late)
+
+    # scale-out (at the first rollout) and scale-in through the lifecycle hooks
+    desired = [x["desired"] for x in summary["samples"]]
+    peak = desired.index(max(desired))
+    assert max(desired) >= 3 and min(desired[peak:]) <= 1
+    hooks = summary["lifecycle"]
+    assert sum(a["kind"] == "launch" for a in hooks) >= 4  # three, then the replacement
+    assert sum(a["kind"] == "terminate" for a in hooks) >= 3  # the crashed one, then two drained
+    assert len(traffic["by_target"]) >= 3  # more than one instance served
 
     # everything stopped
     assert summary["stopped"]

@@ -109,6 +109,16 @@ def test_clock_runs_faster_than_real_time():
     assert clock.real_seconds(60) == 1.0
 
 
+def test_instances_read_the_same_clock_from_their_environment():
+    """The agents stamp their datapoints on the stand-in's clock, not this machine's."""
+    from inference.agent import WallClock
+
+    clock = Clock(speed=6, start=2_000_000_000.0)
+    theirs = WallClock.from_env({"NLPFLEET_LOCAL_CLOCK": clock.env_value()})
+    assert theirs.speed == 6 and abs(theirs() - clock.now()) < 0.5
+    assert abs(theirs() - 2_000_000_000.0) < 60
+
+
 def test_template_becomes_moto_resources_and_events_reach_handlers(aws, packaged, monkeypatch):
     root, doc = packaged
     dep = deploy(doc, aws.client, stack_name="throwaway")
