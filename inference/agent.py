@@ -484,7 +484,7 @@ class Agent:
         s = self.settings
         last_scrape = self._scrape() or Scrape()
         gauges: list[tuple[float, float]] = []
-        last_model = self.clock()
+        last_model = period_t0 = self.clock()
         period = period_of(self.wall(), s.metrics_period_s)
         poll_s = self._every(s.poll_s)
         while not self.stop_event.is_set():
@@ -499,8 +499,9 @@ class Agent:
                 gauges.append((cur.inflight, cur.queue_depth))
             now_period = period_of(self.wall(), s.metrics_period_s)
             if now_period > period and cur is not None:  # the period ended: its datapoints
-                self._publish(minute_datapoints(last_scrape, cur, gauges), period)
-                last_scrape, gauges, period = cur, [], now_period
+                elapsed = self.clock() - period_t0
+                self._publish(minute_datapoints(last_scrape, cur, gauges, elapsed), period)
+                last_scrape, gauges, period, period_t0 = cur, [], now_period, self.clock()
             if self.clock() - last_model >= self._every(s.model_poll_s):
                 self._maybe_swap()
                 last_model = self.clock()
@@ -511,6 +512,7 @@ class Agent:
         """SIGTERM the server, heartbeat while it finishes admitted requests, then CONTINUE."""
         s = self.settings
         before = last = self._scrape()
+        drain_t0 = self.clock()
         if self._alive():
             self.server.send_signal(signal.SIGTERM)
         started = last_beat = self.clock()
@@ -528,7 +530,8 @@ class Agent:
                 self.server.kill()
             self.sleep(0.2)
         if before is not None and last is not None and gauges:  # the drain's last datapoints
-            self._publish(minute_datapoints(before, last, gauges), period_of(self.wall(), s.metrics_period_s))
+            values = minute_datapoints(before, last, gauges, self.clock() - drain_t0)
+            self._publish(values, period_of(self.wall(), s.metrics_period_s))
         code = self.server.returncode if self.server is not None else None
         self.outcome.append(f"server-exit:{code}")
         log.info("drained in %.1fs (server exit %s)", self.clock() - started, code)

@@ -75,7 +75,7 @@ class DemoConfig:
     trace_minutes_per_s: float = 6.0  # a trace day in 4 minutes: one clock minute is a trace hour
     rps_per_req_per_min: float = 0.15  # the trace's requests/minute become this many requests/second
     settle_s: float = 30.0  # after the replay: how long to wait for a scale-in that has not happened
-    target_inflight: float = 0.06  # in-flight requests per instance the autoscaler aims for (this box)
+    target_inflight: float = 0.1  # mean in-flight requests per instance the autoscaler aims for (this box)
     env: dict[str, str] = field(default_factory=dict)  # handler environment overrides
     quiet: bool = False
 

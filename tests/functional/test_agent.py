@@ -356,3 +356,24 @@ def test_spot_interruption_notice_drains_the_server(cloud, trained_artifact, tmp
         agent._stop_server()
         imds.close()
         shutil.rmtree(tmp_path / "models", ignore_errors=True)
+
+
+def test_mean_in_flight_is_the_time_requests_spent_admitted_over_the_period():
+    """Little's law on the server's latency histogram: 120 requests of 50 ms in a 60 s period
+    kept 0.1 requests in flight on average, however rarely a gauge sample would catch one."""
+    from inference.agent_metrics import minute_datapoints, parse_scrape
+
+    def scrape(answered: float, latency_sum: float) -> str:
+        return (
+            f'nlpfleet_requests_total{{code="200"}} {answered}\n'
+            "nlpfleet_inflight_requests 0.0\nnlpfleet_queue_depth 0.0\n"
+            f'nlpfleet_request_latency_seconds_bucket{{le="0.1"}} {answered}\n'
+            f'nlpfleet_request_latency_seconds_bucket{{le="+Inf"}} {answered}\n'
+            f"nlpfleet_request_latency_seconds_sum {latency_sum}\n"
+        )
+
+    before, after = parse_scrape(scrape(10, 0.5)), parse_scrape(scrape(130, 6.5))
+    zeros = [(0.0, 0.0)] * 12  # what twelve samples of the gauge saw
+    out = minute_datapoints(before, after, zeros, elapsed_s=60.0)
+    assert out["RequestCount"] == 120 and abs(out["InflightRequests"] - 0.1) < 1e-9
+    assert minute_datapoints(before, after, zeros)["InflightRequests"] == 0.0  # no length: the gauge
