@@ -27,6 +27,7 @@ for each policy and a JSON of the table.
 
     python bench/autoscale_sim.py                              # July, whole month
     python bench/autoscale_sim.py --until 1995-07-15           # the tuning half
+    python bench/autoscale_sim.py --split 1995-07-15           # whole month + both halves
     python bench/autoscale_sim.py --trace other.csv --capacity-rps 120
 """
 
@@ -144,7 +145,11 @@ class Run:
     name: str
     ready: np.ndarray
     desired: np.ndarray
-    instance_minutes: float
+    billed: np.ndarray  # instances billed per minute (ready + booting)
+
+    @property
+    def instance_minutes(self) -> float:
+        return float(self.billed.sum())
 
 
 def simulate(
@@ -161,7 +166,7 @@ def simulate(
     metrics: list[MinuteMetrics] = []
     ready_arr = np.zeros(n, dtype=int)
     desired_arr = np.zeros(n, dtype=int)
-    instance_minutes = 0.0
+    billed = np.zeros(n, dtype=int)
     for i in range(n):
         # instances whose boot + warm-up completed join
         joined = sum(1 for b in boots if b <= i)
@@ -192,7 +197,7 @@ def simulate(
                 boots = sorted(boots)[: len(boots) - cancel]
                 ready_n -= drop - cancel
             desired = new_desired
-        instance_minutes += ready_n + len(boots)
+        billed[i] = ready_n + len(boots)
         ready_arr[i] = ready_n
         desired_arr[i] = desired
         # this minute's traffic against ready capacity -> what the agents publish
@@ -210,7 +215,7 @@ def simulate(
                 instances=ready_n,
             )
         )
-    return Run(policy, ready_arr, desired_arr, instance_minutes)
+    return Run(policy, ready_arr, desired_arr, billed)
 
 
 def decide_peak_rule(inp: PolicyInput, state: PolicyState, s: ScalingSettings, now: float) -> Decision:
@@ -240,13 +245,13 @@ def settings_for(cfg: SimConfig, **overrides) -> ScalingSettings:
     return replace(base, **overrides)
 
 
-def evaluate(t: np.ndarray, requests: np.ndarray, cfg: SimConfig) -> dict:
+def evaluate(t: np.ndarray, requests: np.ndarray, cfg: SimConfig, split: str | None = None) -> dict:
     factor = scale_factor(requests, cfg)
     demand = requests * factor
     need = needed_instances(demand, cfg)
     runs: dict[str, Run] = {}
     peak = int(need.max())
-    runs["static"] = Run("static", np.full(len(t), peak), np.full(len(t), peak), float(peak * len(t)))
+    runs["static"] = Run("static", np.full(len(t), peak), np.full(len(t), peak), np.full(len(t), peak))
     runs["step"] = simulate(
         "step", t, demand, cfg, settings_for(replace(cfg, target_utilization=cfg.tt_utilizations[0]))
     )
@@ -256,16 +261,49 @@ def evaluate(t: np.ndarray, requests: np.ndarray, cfg: SimConfig) -> dict:
     full = replace(cfg, target_utilization=1.0)
     runs["peak30+20%"] = simulate("peak30+20%", t, demand, full, settings_for(full))
     runs["predictive"] = simulate("predictive", t, demand, cfg, settings_for(cfg))
-    o_ready, o_cost = oracle(need, cfg.boot_min)
-    runs["oracle"] = Run("oracle", o_ready, o_ready, o_cost)
+    o_ready, _ = oracle(need, cfg.boot_min)
+    runs["oracle"] = Run("oracle", o_ready, o_ready, o_ready)  # its boots are billed in table()
+    segments = {}
+    for label, seg in segment_slices(t, split):
+        segments[label] = table(runs, need, seg, cfg.boot_min)
+    return {
+        "scale_factor": factor,
+        "need": need,
+        "demand": demand,
+        "runs": runs,
+        "table": table(runs, need, slice(None), cfg.boot_min),
+        "segments": segments,
+    }
+
+
+def segment_slices(t: np.ndarray, split: str | None) -> list[tuple[str, slice]]:
+    """``[start, split)`` and ``[split, end)`` of the run (UTC date), to report a tuning part and
+    a held-out part of one replay: same scale factor, policy state carried across the split."""
+    if not split:
+        return []
+    cut = int(np.searchsorted(t, datetime.fromisoformat(split).replace(tzinfo=UTC).timestamp()))
+    if not 0 < cut < len(t):
+        raise ValueError(f"--split {split} is outside the replayed trace")
+    day = lambda i: datetime.fromtimestamp(int(t[i]), UTC).date().isoformat()  # noqa: E731
+    return [
+        (f"{day(0)}..{day(cut - 1)}", slice(0, cut)),
+        (f"{day(cut)}..{day(len(t) - 1)}", slice(cut, None)),
+    ]
+
+
+def table(runs: dict[str, Run], need: np.ndarray, seg: slice, boot_min: int) -> dict[str, dict]:
+    """Instance-hours, ratio to the oracle and minutes under-provisioned over ``seg``; the oracle
+    is the cheapest schedule for ``need[seg]`` alone (every launch billed for its boot)."""
+    _, o_cost = oracle(need[seg], boot_min)
     rows = {}
     for name, r in runs.items():
+        minutes = o_cost if name == "oracle" else float(r.billed[seg].sum())
         rows[name] = {
-            "instance_hours": round(r.instance_minutes / 60.0, 1),
-            "vs_oracle": round(r.instance_minutes / o_cost, 3),
-            "under_provisioned_pct": round(100.0 * float(np.mean(need > r.ready)), 3),
+            "instance_hours": round(minutes / 60.0, 1),
+            "vs_oracle": round(minutes / o_cost, 3),
+            "under_provisioned_pct": round(100.0 * float(np.mean(need[seg] > r.ready[seg])), 3),
         }
-    return {"scale_factor": factor, "need": need, "demand": demand, "runs": runs, "table": rows}
+    return rows
 
 
 def plot(t: np.ndarray, result: dict, out: Path, title: str, days: tuple[float, float] | None = None) -> None:
@@ -307,6 +345,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--since", help="first UTC date to replay (YYYY-MM-DD)")
     p.add_argument("--until", help="UTC date to stop before (YYYY-MM-DD)")
     p.add_argument(
+        "--split",
+        help="also report [start, SPLIT) and [SPLIT, end) of the same replay (UTC date), e.g. the "
+        "tuning and held-out halves",
+    )
+    p.add_argument(
         "--capacity-rps", type=float, default=50.0, help="requests/s one instance serves within SLO"
     )
     p.add_argument("--service-time-s", type=float, default=0.2)
@@ -339,19 +382,26 @@ def main(argv: list[str] | None = None) -> int:
         max_size=max(40, 2 * args.peak_instances),
     )
     t, req = load_trace(args.trace, args.since, args.until)
+    try:
+        segment_slices(t, args.split)
+    except ValueError as e:
+        p.error(str(e))
     started = time.perf_counter()
-    result = evaluate(t, req, cfg)
+    result = evaluate(t, req, cfg, args.split)
     elapsed = time.perf_counter() - started
     print(
         f"trace {args.trace.name}: {len(t)} minutes, scale x{result['scale_factor']:.2f}, "
         f"peak {int(result['need'].max())} instances, boot {cfg.boot_min} min, "
         f"capacity {cfg.capacity_rps:g} req/s/instance ({elapsed:.1f}s)"
     )
-    print(f"{'policy':<24}{'instance-h':>12}{'x oracle':>10}{'under-prov %':>14}")
-    for name, row in result["table"].items():
-        print(
-            f"{name:<24}{row['instance_hours']:>12}{row['vs_oracle']:>10}{row['under_provisioned_pct']:>14}"
-        )
+    for label, rows in [("whole run", result["table"]), *result["segments"].items()]:
+        print(f"{label}:")
+        print(f"  {'policy':<24}{'instance-h':>12}{'x oracle':>10}{'under-prov %':>14}")
+        for name, row in rows.items():
+            print(
+                f"  {name:<24}{row['instance_hours']:>12}{row['vs_oracle']:>10}"
+                f"{row['under_provisioned_pct']:>14}"
+            )
     title = f"{args.trace.parent.name}/{args.trace.name} {args.since or ''}..{args.until or ''}"
     plot(t, result, args.out, title)
     if args.zoom_days:
@@ -368,6 +418,7 @@ def main(argv: list[str] | None = None) -> int:
         "trace": str(args.trace.name),
         "since": args.since,
         "until": args.until,
+        "split": args.split,
         "minutes": len(t),
         "config": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.__dict__.items()},
         "predictive_settings": {
@@ -377,6 +428,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "scale_factor": result["scale_factor"],
         "table": result["table"],
+        "segments": result["segments"],
     }
     out_json.write_text(json.dumps(doc, indent=2) + "\n")
     print(f"wrote {args.out} and {out_json}")

@@ -69,9 +69,9 @@ class PolicyState:
     last_scale_in_t: float | None = None
     # (t, needed instances) of recent decisions: scale-in stabilization looks back over these
     recent: tuple[tuple[int, int], ...] = ()
-    # (slot index, peak load, summed load, minutes) per slot for the last few days: the
-    # seasonal forecast (peak of the slot, and its mean to compare today's level with)
-    seasonal: tuple[tuple[int, float, float, int], ...] = ()
+    # (slot index, summed load, minutes) per slot for the last few days: the seasonal forecast
+    # (the slot's mean load, also what today's level is compared with)
+    seasonal: tuple[tuple[int, float, int], ...] = ()
     last_metric_t: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -79,7 +79,7 @@ class PolicyState:
             "last_scale_out_t": self.last_scale_out_t,
             "last_scale_in_t": self.last_scale_in_t,
             "recent": [list(x) for x in self.recent],
-            "seasonal": [[k, round(p, 3), round(t, 3), n] for k, p, t, n in self.seasonal],
+            "seasonal": [[k, round(t, 3), n] for k, t, n in self.seasonal],
             "last_metric_t": self.last_metric_t,
         }
 
@@ -91,7 +91,8 @@ class PolicyState:
             last_scale_out_t=_opt_float(doc.get("last_scale_out_t")),
             last_scale_in_t=_opt_float(doc.get("last_scale_in_t")),
             recent=tuple((int(t), int(n)) for t, n in doc.get("recent", [])),
-            seasonal=tuple((int(k), float(p), float(t), int(n)) for k, p, t, n in doc.get("seasonal", [])),
+            # entries stored before 2026-11 also held the slot's peak: [k, peak, sum, n]
+            seasonal=tuple((int(e[0]), float(e[-2]), int(e[-1])) for e in doc.get("seasonal", [])),
             last_metric_t=None if doc.get("last_metric_t") is None else int(doc["last_metric_t"]),
         )
 
@@ -159,26 +160,26 @@ def apply_bounds(desired: int, fleet: FleetCounts, floor: int) -> int:
 
 
 def fold_history(state: PolicyState, metrics: Sequence[MinuteMetrics], s: ScalingSettings) -> PolicyState:
-    """Fold minutes not seen before into per-slot load (peak, sum, minutes); keep
+    """Fold minutes not seen before into per-slot load (sum, minutes); keep
     ``forecast_days + 1`` days.
 
     >>> m = [MinuteMetrics(t=60 * i, requests=1, inflight=8.0 * i) for i in range(3)]
     >>> st = fold_history(PolicyState(), m, ScalingSettings(stage="t", asg_name="a"))
     >>> st.seasonal, st.last_metric_t
-    (((0, 2.0, 3.0, 3),), 120)
+    (((0, 3.0, 3),), 120)
     """
     new = [m for m in metrics if state.last_metric_t is None or m.t > state.last_metric_t]
     if not new:
         return state
-    slots = {k: (p, t, n) for k, p, t, n in state.seasonal}
+    slots = {k: (t, n) for k, t, n in state.seasonal}
     for m in new:
         slot = m.t // s.forecast_slot_s
         load = load_units(m, s.target_inflight_per_instance)
-        p, t, n = slots.get(slot, (0.0, 0.0, 0))
-        slots[slot] = (max(p, load), t + load, n + 1)
+        t, n = slots.get(slot, (0.0, 0))
+        slots[slot] = (t + load, n + 1)
     newest = max(m.t for m in new)
     keep_from = (newest - (s.forecast_days + 1) * DAY_S) // s.forecast_slot_s
-    seasonal = tuple(sorted((k, p, t, n) for k, (p, t, n) in slots.items() if k >= keep_from))
+    seasonal = tuple(sorted((k, t, n) for k, (t, n) in slots.items() if k >= keep_from))
     return replace(state, seasonal=seasonal, last_metric_t=newest)
 
 
@@ -187,79 +188,111 @@ def lead_time_s(s: ScalingSettings) -> int:
     return s.boot_delay_s + s.metric_delay_s + s.period_s
 
 
-def reactive_need(metrics: Sequence[MinuteMetrics], s: ScalingSettings) -> tuple[float, float]:
-    """(peak load of the look-back window, linear trend extrapolated over the lead time).
+def level_and_noise(loads: Sequence[float], s: ScalingSettings) -> tuple[float, float]:
+    """(level, noise): the mean load of the last ``level_window_s`` (or of the last
+    ``level_short_window_s`` if higher: a ramp), and the standard deviation of one minute's load
+    around the level, estimated from minute-to-minute differences over the whole window
+    (``sqrt(mean(diff^2) / 2)``: a slow drift of the level barely moves it, per-minute noise does).
 
-    >>> ms = [MinuteMetrics(t=60 * i, requests=1, inflight=8.0 * i) for i in range(20)]
-    >>> reactive_need(ms, ScalingSettings(stage="t", asg_name="a"))
-    (19.0, 25.0)
+    >>> level_and_noise([2.0, 4.0, 2.0, 4.0], ScalingSettings(stage="t", asg_name="a"))
+    (3.0, 1.4142135623730951)
+    >>> level_and_noise([3.0] * 10, ScalingSettings(stage="t", asg_name="a"))
+    (3.0, 0.0)
     """
-    if not metrics:
+    if not loads:
         return 0.0, 0.0
-    loads = [load_units(m, s.target_inflight_per_instance) for m in metrics]
-    n = max(1, s.scale_out_lookback_s // 60)
+    n = max(1, s.level_window_s // 60)
     recent = loads[-n:]
-    peak = max(recent)
-    trend = peak
-    if len(loads) >= 2 * n:
-        older = loads[-2 * n : -n]
-        slope = (sum(recent) / n - sum(older) / n) / n  # per minute
-        if slope > 0:
-            trend = recent[-1] + slope * (lead_time_s(s) / 60)
-    return peak, trend
+    level = sum(recent) / len(recent)
+    if s.level_short_window_s:  # a rise shows in the last minutes long before in the window's mean
+        short = recent[-max(1, s.level_short_window_s // 60) :]
+        level = max(level, sum(short) / len(short))
+    if len(loads) < 2:
+        return level, 0.0
+    diffs = [(y - x) ** 2 for x, y in zip(loads, loads[1:], strict=False)]
+    return level, math.sqrt(sum(diffs) / len(diffs) / 2.0)
 
 
-def forecast_need(state: PolicyState, now: float, s: ScalingSettings, level: float | None = None) -> float:
-    """Load at the same time of day on previous days, over the window capacity ordered now serves.
+def headroom(noise: float, s: ScalingSettings) -> float:
+    """Capacity to hold above the expected level: ``headroom_z`` standard deviations of the
+    observed per-minute noise plus ``headroom_min_instances``. Derived from the noise, so a smooth
+    load gets little and a bursty one more, at any level (a fixed percentage would waste capacity
+    on a high, smooth load and starve a low, bursty one).
 
-    For each of the last ``forecast_days`` days take the peak of the slots covering
-    ``[now, now + lead time + one slot]`` a whole number of days earlier; with ``level`` (today's
-    mean load over the last half hour) scale it by how busy today is compared with that day at
-    the same time (clamped to 0.5x-2x); then take the ``forecast_quantile`` across days.
+    >>> headroom(0.8, ScalingSettings(stage="t", asg_name="a", headroom_z=2.5, headroom_min_instances=0.5))
+    2.5
+    """
+    return s.headroom_z * noise + s.headroom_min_instances
 
-    >>> s = ScalingSettings(stage="t", asg_name="a", forecast_days=3)
+
+def reactive_need(metrics: Sequence[MinuteMetrics], s: ScalingSettings) -> tuple[float, float, float]:
+    """(level + headroom, level, noise) of the visible window.
+
+    >>> ms = [MinuteMetrics(t=60 * i, requests=1, inflight=8.0 * (i % 2 + 2)) for i in range(30)]
+    >>> [round(v, 2) for v in reactive_need(ms, ScalingSettings(stage="t", asg_name="a"))]
+    [4.15, 2.5, 0.71]
+    """
+    loads = [load_units(m, s.target_inflight_per_instance) for m in metrics]
+    level, noise = level_and_noise(loads, s)
+    return level + headroom(noise, s), level, noise
+
+
+def forecast_need(
+    state: PolicyState, now: float, s: ScalingSettings, level: float | None = None, room: float = 0.0
+) -> float:
+    """The load expected when capacity ordered now is ready, from the same time of day on
+    previous days, plus ``room`` (the headroom).
+
+    For each of the last ``forecast_days`` days take the mean load of the slot containing
+    ``now + lead time`` a whole number of days earlier; with ``level`` (today's mean load over
+    the last half hour) scale it by how busy today is compared with that day at the same time
+    (clamped to 0.5x-2x); then take the ``forecast_quantile`` across days. This is what brings
+    capacity before a daily ramp: the recent level only sees it minutes late.
+
+    >>> s = ScalingSettings(stage="t", asg_name="a", forecast_days=3, boot_delay_s=0, period_s=0, metric_delay_s=0)
     >>> day_slots = DAY_S // s.forecast_slot_s
-    >>> st = PolicyState(seasonal=tuple((k * day_slots, float(k), 0.0, 0) for k in (1, 2, 3)))
-    >>> forecast_need(st, 4 * DAY_S, replace(s, forecast_quantile=0.5))
-    2.0
+    >>> st = PolicyState(seasonal=tuple((k * day_slots, 3.0 * k, 3) for k in (1, 2, 3)))
+    >>> forecast_need(st, 4 * DAY_S, replace(s, forecast_quantile=0.5), room=0.5)
+    2.5
     """
     if not state.seasonal or s.forecast_days <= 0:
         return 0.0
-    slots = {k: (p, t, n) for k, p, t, n in state.seasonal}
-    first = int(now) // s.forecast_slot_s
-    last = (int(now) + lead_time_s(s) + s.forecast_slot_s) // s.forecast_slot_s
-    before = range(first - max(1, 1800 // s.forecast_slot_s), first)
+    slots = {k: (t, n) for k, t, n in state.seasonal}
+    at = (int(now) + lead_time_s(s)) // s.forecast_slot_s
+    before = range(
+        int(now) // s.forecast_slot_s - max(1, 1800 // s.forecast_slot_s), int(now) // s.forecast_slot_s
+    )
     day_slots = DAY_S // s.forecast_slot_s
     per_day = []
     for d in range(1, s.forecast_days + 1):
         shift = d * day_slots
-        peaks = [slots[k - shift][0] for k in range(first, last + 1) if k - shift in slots]
-        if not peaks:
+        total, count = slots.get(at - shift, (0.0, 0))
+        if not count:
             continue
-        value = max(peaks)
+        value = total / count
         if level is not None:
             past = [slots[k - shift] for k in before if k - shift in slots]
-            past_n = sum(n for _, _, n in past)
+            past_n = sum(n for _, n in past)
             if past_n:
-                past_level = sum(t for _, t, _ in past) / past_n
+                past_level = sum(t for t, _ in past) / past_n
                 value *= min(2.0, max(0.5, level / past_level)) if past_level > 0 else 1.0
         per_day.append(value)
     if not per_day:
         return 0.0
     per_day.sort()
     idx = min(len(per_day) - 1, max(0, math.ceil(s.forecast_quantile * len(per_day)) - 1))
-    return per_day[idx] * s.forecast_weight
+    return per_day[idx] * s.forecast_weight + room
 
 
-def combine_needs(reactive: float, trend: float, forecast: float) -> tuple[int, str]:
+def combine_needs(reactive: float, forecast: float) -> tuple[int, str]:
     """Whole instances needed and which signal set it.
 
-    >>> combine_needs(3.2, 3.5, 5.1)
+    >>> combine_needs(3.2, 5.1)
     (6, 'forecast')
     """
-    candidates = {"load": reactive, "trend": trend, "forecast": forecast}
-    reason = max(candidates, key=lambda k: candidates[k])
-    return math.ceil(candidates[reason] - 1e-9), reason
+    if forecast > reactive:
+        return math.ceil(forecast - 1e-9), "forecast"
+    return math.ceil(reactive - 1e-9), "level"
 
 
 def stabilize(
@@ -290,7 +323,7 @@ def decide_predictive(inp: PolicyInput, state: PolicyState, s: ScalingSettings, 
     >>> m = tuple(MinuteMetrics(t=60 * i, requests=100, inflight=40.0, instances=2) for i in range(5))
     >>> d = decide_predictive(PolicyInput(m, FleetCounts(desired=2, in_service=2)), PolicyState(), s, 300)
     >>> d.desired, d.reason
-    (5, 'panic scale-out: load')
+    (6, 'panic scale-out: level')
     """
     if not inp.metrics and inp.fleet.in_service > 0:
         # serving instances but no datapoints (agents or CloudWatch broken): never scale in blind
@@ -298,16 +331,20 @@ def decide_predictive(inp: PolicyInput, state: PolicyState, s: ScalingSettings, 
         fields = {"policy": "predictive", "previous_desired": inp.fleet.desired, "need": None}
         return Decision(desired, "hold: no metrics from a serving fleet", state, fields)
     state = fold_history(state, inp.metrics, s)
-    peak, trend = reactive_need(inp.metrics, s)
-    level = None
+    reactive, level, noise = reactive_need(inp.metrics, s)
+    room = headroom(noise, s)
+    day_level = None
     if s.forecast_level_adjust and inp.metrics:
         recent = [load_units(m, s.target_inflight_per_instance) for m in inp.metrics[-30:]]
-        level = sum(recent) / len(recent)
-    forecast = forecast_need(state, now, s, level)
-    need, signal = combine_needs(peak, trend, forecast)
+        day_level = sum(recent) / len(recent)
+    forecast = forecast_need(state, now, s, day_level, room)
+    need, signal = combine_needs(reactive, forecast)
     latest = load_units(inp.metrics[-1], s.target_inflight_per_instance) if inp.metrics else 0.0
     ready = max(inp.fleet.in_service, 1)
     panic = latest > s.panic_ratio * ready
+    if panic and latest + room > need:
+        # far above ready capacity: the window's mean lags a jump, so size for the newest minute
+        need, signal = math.ceil(latest + room - 1e-9), "latest minute"
     last = inp.metrics[-1] if inp.metrics else None
     if last and last.p99_latency_s and last.p99_latency_s > s.latency_slo_p99_s and need <= inp.fleet.desired:
         # the SLO is missed at the current size whatever the in-flight says: add one instance
@@ -328,8 +365,9 @@ def decide_predictive(inp: PolicyInput, state: PolicyState, s: ScalingSettings, 
     fields = {
         "policy": "predictive",
         "previous_desired": inp.fleet.desired,
-        "load_peak": round(peak, 2),
-        "load_trend": round(trend, 2),
+        "load_level": round(level, 2),
+        "noise": round(noise, 2),
+        "headroom": round(room, 2),
         "forecast": round(forecast, 2),
         "need": need,
         "panic": panic,

@@ -84,9 +84,20 @@ class ScalingSettings:
     target_inflight_per_instance: float = 8.0
     latency_slo_p99_s: float = 0.5
     panic_ratio: float = 1.5  # load above panic_ratio x ready capacity: scale out at once
-    scale_in_stabilization_s: int = 900
+    # scale-in only to the highest need of this window, by at most this fraction per minute
+    scale_in_stabilization_s: int = 600
     scale_in_max_step_fraction: float = 0.1
-    scale_out_lookback_s: int = 600
+    # the expected load: the mean of the last level_window_s, or of the last
+    # level_short_window_s when that is higher (a ramp shows there first)
+    level_window_s: int = 1800
+    level_short_window_s: int = 600
+    # headroom above it for the minutes a decision covers: headroom_z standard deviations of the
+    # per-minute noise observed in the metrics window, plus headroom_min_instances (a fixed part:
+    # a quiet window says little about the next burst). The four were chosen on 1995-07-01..14 of
+    # the NASA trace only (bench/autoscale_sim.py): cheap, with margin under 0.5 % of minutes
+    # under-provisioned.
+    headroom_z: float = 1.625
+    headroom_min_instances: float = 0.5
     boot_delay_s: int = 240  # launch + model download + warm-up until /readyz
     metric_delay_s: int = 60
     period_s: int = 60
@@ -145,14 +156,29 @@ class ScalingSettings:
             target_inflight_per_instance=num("SCALING_TARGET_INFLIGHT_PER_INSTANCE", 8.0, float),
             latency_slo_p99_s=num("SCALING_LATENCY_SLO_P99_S", 0.5, float),
             panic_ratio=num("SCALING_PANIC_RATIO", 1.5, float),
-            scale_in_stabilization_s=int(num("SCALING_SCALE_IN_STABILIZATION_S", 900)),
+            scale_in_stabilization_s=int(
+                num("SCALING_SCALE_IN_STABILIZATION_S", ScalingSettings.scale_in_stabilization_s)
+            ),
             scale_in_max_step_fraction=num("SCALING_SCALE_IN_MAX_STEP_FRACTION", 0.1, float),
             boot_delay_s=int(num("SCALING_BOOT_DELAY_S", 240)),
             forecast_days=int(num("SCALING_FORECAST_DAYS", 7)),
             forecast_weight=num("SCALING_FORECAST_WEIGHT", 1.0, float),
             forecast_quantile=num("SCALING_FORECAST_QUANTILE", 0.5, float),
             forecast_level_adjust=_flag(env, "SCALING_FORECAST_LEVEL_ADJUST", True),
-            scale_out_lookback_s=int(num("SCALING_SCALE_OUT_LOOKBACK_S", 600)),
+            # SCALING_SCALE_OUT_LOOKBACK_S: the older name of the same look-back window
+            level_window_s=int(
+                num(
+                    "SCALING_LEVEL_WINDOW_S",
+                    num("SCALING_SCALE_OUT_LOOKBACK_S", ScalingSettings.level_window_s),
+                )
+            ),
+            level_short_window_s=int(
+                num("SCALING_LEVEL_SHORT_WINDOW_S", ScalingSettings.level_short_window_s)
+            ),
+            headroom_z=num("SCALING_HEADROOM_Z", ScalingSettings.headroom_z, float),
+            headroom_min_instances=num(
+                "SCALING_HEADROOM_MIN_INSTANCES", ScalingSettings.headroom_min_instances, float
+            ),
             floor_schedule=parse_floor_schedule(env.get("SCALING_FLOOR_SCHEDULE", "")),
             time_zone=tz,
             warmup_limit_s=int(num("SCALING_WARMUP_LIMIT_S", 900)),
@@ -164,6 +190,10 @@ class ScalingSettings:
         )
         if s.min_size > s.max_size:
             raise ScalingConfigError("SCALING_MIN_SIZE must not exceed SCALING_MAX_SIZE")
+        if s.level_window_s < 60:
+            raise ScalingConfigError(
+                "SCALING_LEVEL_WINDOW_S (or SCALING_SCALE_OUT_LOOKBACK_S) must be at least 60"
+            )
         if s.target_inflight_per_instance <= 0:
             raise ScalingConfigError("SCALING_TARGET_INFLIGHT_PER_INSTANCE must be positive")
         return s

@@ -6,6 +6,7 @@ way the instance agent publishes them (CloudWatch in moto), the decision through
 from __future__ import annotations
 
 import json
+import math
 import time
 from datetime import UTC, datetime
 
@@ -17,6 +18,9 @@ from chalicelib.autoscaling_bp import ScalingAdapters, handle_capacity_floor, ha
 from chalicelib.scaling_settings import ScalingSettings
 
 NS = "nlpfleet"
+# a steady load of 6 instances' worth at the target: the policy adds its fixed headroom
+# (SCALING_HEADROOM_MIN_INSTANCES; a steady load has no noise), see docs/autoscaling.md
+SIZE_FOR_6 = math.ceil(6 + ScalingSettings.headroom_min_instances)
 
 
 def publish(
@@ -72,13 +76,13 @@ def test_load_above_target_scales_out_and_pending_capacity_is_not_ordered_twice(
     publish(range(2, 12), per_instance_inflight=24.0, instances=2)  # 3x the target of 8
     out = client.lambda_.invoke("scale_inference_fleet", scheduled_event(client)).payload
     assert out["event"] == "scaling_decision" and out["previous_desired"] == 2
-    assert out["desired"] == 6 and "scale-out" in out["reason"] and out["panic"]
+    assert out["desired"] == SIZE_FOR_6 and "scale-out" in out["reason"] and out["panic"]
     g = group(asg)
-    assert g["DesiredCapacity"] == 6
-    assert sum(i["LifecycleState"] == "Pending:Wait" for i in g["Instances"]) == 4
-    # a minute later the same (delayed) metrics: the 4 booting instances count, nothing more is ordered
+    assert g["DesiredCapacity"] == SIZE_FOR_6
+    assert sum(i["LifecycleState"] == "Pending:Wait" for i in g["Instances"]) == SIZE_FOR_6 - 2
+    # a minute later the same (delayed) metrics: the booting instances count, nothing more is ordered
     again = client.lambda_.invoke("scale_inference_fleet", scheduled_event(client)).payload
-    assert again["desired"] == 6 and group(asg)["DesiredCapacity"] == 6
+    assert again["desired"] == SIZE_FOR_6 and group(asg)["DesiredCapacity"] == SIZE_FOR_6
     assert [d["event"] for d in decision_log] == ["scaling_decision", "scaling_decision"]  # logged once each
     logged = decision_log[0]
     assert logged["fleet"]["in_service"] == 2 and logged["latest_metric"]["inflight"] == 48.0
@@ -119,7 +123,7 @@ def test_dry_run_decides_and_logs_but_does_not_touch_the_group(aws):
         {"INFERENCE_ASG_NAME": GROUP, "SCALING_STATE_TABLE": TABLE, "DRY_RUN": "true"}
     )
     out = handle_scale(s, ScalingAdapters.from_settings(s), time.time())
-    assert out["desired"] == 6 and "would have" in out["dry_run"]
+    assert out["desired"] == SIZE_FOR_6 and "would have" in out["dry_run"]
     assert group(asg)["DesiredCapacity"] == 2
 
 
@@ -175,7 +179,7 @@ def test_the_decision_follows_the_schedule_time_of_a_clock_ahead_of_this_machine
     ahead = time.time() + 6 * 3600
     publish(range(2, 12), per_instance_inflight=24.0, instances=2, now=ahead)  # 3x the target
     out = client.lambda_.invoke("scale_inference_fleet", at(ahead)).payload
-    assert out["metrics_minutes"] == 10 and out["desired"] == 6 and "scale-out" in out["reason"]
+    assert out["metrics_minutes"] == 10 and out["desired"] == SIZE_FOR_6 and "scale-out" in out["reason"]
     # an hour later on that clock, those minutes have left the policy's half-hour window
     later = client.lambda_.invoke("scale_inference_fleet", at(ahead + 3600)).payload
     assert later["metrics_minutes"] == 0
@@ -186,7 +190,7 @@ def test_a_late_delivery_decides_on_the_present_not_on_the_schedule_time(aws, cl
     in_service(asg, 2)
     publish(range(2, 12), per_instance_inflight=24.0, instances=2)  # now, on the wall clock
     out = client.lambda_.invoke("scale_inference_fleet", at(time.time() - 2 * 3600)).payload
-    assert out["metrics_minutes"] == 10 and out["desired"] == 6
+    assert out["metrics_minutes"] == 10 and out["desired"] == SIZE_FOR_6
 
 
 def test_no_instance_is_launched_before_a_model_is_active(aws, client):

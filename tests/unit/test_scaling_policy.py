@@ -109,18 +109,20 @@ def test_no_flapping_under_constant_demand(load, start):
     history = run_constant("predictive", load, start)
     assert direction_changes(history) == 0  # converges monotonically, never oscillates
     assert len(set(history[-60:])) == 1  # and then holds
-    assert history[-1] == max(1, math.ceil(load - 1e-9))
+    # at the level plus the fixed part of the headroom (a constant load has no noise)
+    assert history[-1] == max(1, math.ceil(load + S.headroom_min_instances - 1e-9))
 
 
 def test_panic_mode_scales_out_at_once_and_pending_capacity_counts():
     fleet = FleetCounts(desired=4, in_service=4, min_size=1, max_size=40)
     hot = minutes([4.0] * 10 + [12.0], instances=4)  # 3x the target all of a sudden
     d = decide("predictive", PolicyInput(hot, fleet, 0), PolicyState(), S, T0 + 660)
-    assert d.desired == 12 and d.reason.startswith("panic scale-out")
-    # the next minute the 8 new instances are still booting: the same metrics order nothing more
-    booting = FleetCounts(desired=12, in_service=4, pending=8, min_size=1, max_size=40)
+    # sized for the newest minute (the window's mean would lag the jump), plus headroom
+    assert 12 < d.desired <= 18 and d.reason == "panic scale-out: latest minute"
+    # the next minute the new instances are still booting: the same metrics order nothing more
+    booting = FleetCounts(desired=d.desired, in_service=4, pending=d.desired - 4, min_size=1, max_size=40)
     again = decide("predictive", PolicyInput(hot, booting, 0), d.state, S, T0 + 720)
-    assert again.desired == 12
+    assert again.desired == d.desired
 
 
 def test_scale_in_is_stabilized_and_stepped():
@@ -137,7 +139,8 @@ def test_scale_in_is_stabilized_and_stepped():
         )
         state, fleet = d.state, replace(fleet, desired=d.desired, in_service=d.desired)
         sizes.append(d.desired)
-    assert sizes[0] == 18 and sizes[-1] == 2  # at most 10 % a minute, down to the need
+    # at most 10 % a minute, down to the need (the level and the fixed headroom)
+    assert sizes[0] == 18 and sizes[-1] == math.ceil(2.0 + S.headroom_min_instances)
     assert all(b <= a for a, b in zip(sizes, sizes[1:], strict=False))
 
 
@@ -173,7 +176,41 @@ def test_forecast_brings_capacity_before_the_daily_ramp():
     d = decide("predictive", PolicyInput(today, fleet, 0), state, S, now)
     assert d.desired >= 12 and "forecast" in d.reason
     reactive_only = replace(S, forecast_days=0)
-    assert decide("predictive", PolicyInput(today, fleet, 0), state, reactive_only, now).desired == 2
+    flat = decide("predictive", PolicyInput(today, fleet, 0), state, reactive_only, now)
+    assert flat.desired == math.ceil(2.0 + S.headroom_min_instances)
+
+
+def test_headroom_follows_the_observed_noise_not_the_level():
+    """Same mean load: a bursty window gets more capacity than a smooth one; a high, smooth load
+    gets far less than a fixed +20 % would add."""
+    fleet = FleetCounts(desired=1, in_service=1, min_size=1, max_size=60)
+    now = T0 + 1860
+
+    def need(loads):
+        return decide("predictive", PolicyInput(minutes(loads), fleet, 0), PolicyState(), S, now).desired
+
+    smooth, bursty = [4.0] * 30, [2.0, 6.0] * 15
+    assert need(bursty) > need(smooth) == math.ceil(4.0 + S.headroom_min_instances)
+    assert need([30.0] * 30) == 31  # +20 % would be 36
+    # the noise estimate ignores a slow drift of the level: a steady ramp is not "noise"
+    ramp = [10.0 + 0.2 * i for i in range(30)]
+    assert need(ramp) <= math.ceil(max(ramp) + S.headroom_min_instances + S.headroom_z * 0.2)
+
+
+def test_a_rise_in_the_last_minutes_raises_capacity_before_the_half_hour_mean_does():
+    fleet = FleetCounts(desired=3, in_service=3, min_size=1, max_size=60)
+    rising = [2.0] * 20 + [8.0] * 10  # the half-hour mean is 4, the last 10 minutes 8
+    d = decide("predictive", PolicyInput(minutes(rising), fleet, 0), PolicyState(), S, T0 + 1860)
+    assert d.desired >= 9 and d.fields["load_level"] == 8.0
+
+
+def test_level_window_keeps_its_old_environment_name():
+    base = {"INFERENCE_ASG_NAME": "g"}
+    assert ScalingSettings.from_env({**base, "SCALING_SCALE_OUT_LOOKBACK_S": "120"}).level_window_s == 120
+    both = {**base, "SCALING_SCALE_OUT_LOOKBACK_S": "120", "SCALING_LEVEL_WINDOW_S": "900"}
+    assert ScalingSettings.from_env(both).level_window_s == 900
+    s = ScalingSettings.from_env({**base, "SCALING_HEADROOM_Z": "3", "SCALING_HEADROOM_MIN_INSTANCES": "0"})
+    assert (s.headroom_z, s.headroom_min_instances) == (3.0, 0.0)
 
 
 def test_missing_metrics_never_scale_a_serving_fleet_in():
@@ -203,6 +240,9 @@ def test_state_round_trips_through_json():
     d = decide("predictive", PolicyInput(minutes([3.0] * 5), fleet, 0), PolicyState(), S, T0 + 600)
     back = PolicyState.from_dict(json.loads(json.dumps(d.state.to_dict())))
     assert back == d.state
+    # a state stored by the previous version (seasonal entries with the slot's peak) still loads
+    old = {"recent": [[T0, 3]], "seasonal": [[7, 4.5, 30.0, 10]], "last_metric_t": T0}
+    assert PolicyState.from_dict(old).seasonal == ((7, 30.0, 10),)
 
 
 @pytest.mark.parametrize(
@@ -231,6 +271,8 @@ def test_floor_schedule_in_local_time_across_dst(iso, floor):
         ({"INFERENCE_ASG_NAME": "g", "SCALING_FLOOR_SCHEDULE": "weekdays=4"}, "SCALING_FLOOR_SCHEDULE"),
         ({"INFERENCE_ASG_NAME": "g", "SCALING_POLICY": "magic"}, "SCALING_POLICY"),
         ({"INFERENCE_ASG_NAME": "g", "SCALING_MIN_SIZE": "9", "SCALING_MAX_SIZE": "3"}, "SCALING_MIN_SIZE"),
+        ({"INFERENCE_ASG_NAME": "g", "SCALING_HEADROOM_Z": "lots"}, "SCALING_HEADROOM_Z"),
+        ({"INFERENCE_ASG_NAME": "g", "SCALING_LEVEL_WINDOW_S": "0"}, "SCALING_LEVEL_WINDOW_S"),
     ],
 )
 def test_settings_fail_fast_naming_the_key(env, key):

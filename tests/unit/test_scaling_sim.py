@@ -78,3 +78,29 @@ def test_replays_any_per_minute_csv(tmp_path):
                for name, row in table.items())  # fmt: skip
     assert table["predictive"]["instance_hours"] < table["static"]["instance_hours"]
     assert table["predictive"]["under_provisioned_pct"] < 2.0
+
+
+def test_split_reports_both_parts_of_one_replay(tmp_path):
+    """``--split``: the two parts' instance-hours add up to the whole run's (same replay, same
+    scale factor), each part has its own oracle, and a date outside the trace is refused."""
+    trace = tmp_path / "trace.csv"
+    rng = np.random.default_rng(3)
+    start = 1_800_000_000 - 1_800_000_000 % 86400  # midnight UTC
+    with open(trace, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["unix_time", "requests"])
+        for i in range(2 * 1440):
+            w.writerow([start + 60 * i, int(rng.poisson(60 if 600 <= i % 1440 < 1200 else 15))])
+    out = tmp_path / "out.png"
+    assert (
+        sim.main(["--trace", str(trace), "--out", str(out), "--zoom-days", "", "--split", "2027-01-16"]) == 0
+    )
+    doc = json.loads(out.with_suffix(".json").read_text())
+    parts = list(doc["segments"].values())
+    assert list(doc["segments"]) == ["2027-01-15..2027-01-15", "2027-01-16..2027-01-16"]
+    for name in ("predictive", "static", "step"):
+        total = sum(p[name]["instance_hours"] for p in parts)
+        assert abs(total - doc["table"][name]["instance_hours"]) <= 0.2
+    assert all(p["oracle"]["vs_oracle"] == 1.0 for p in parts)
+    with pytest.raises(SystemExit):
+        sim.main(["--trace", str(trace), "--out", str(out), "--split", "2030-01-01"])

@@ -1,0 +1,128 @@
+"""How cheap could any scaling policy be on a trace, given what it knows? Two reference points for
+``bench/autoscale_sim.py``'s table (same trace, same scaling, same oracle):
+
+* ``clairvoyant level``: a policy that knows, for every minute, the smoothed demand level (the
+  mean of the ``--half`` minutes before and after it, the minute itself excluded: this uses the
+  future) and the distribution of the minute's need at that level (fitted in hindsight on the
+  whole trace, per 0.1-instance bin). Capacity for a minute is ordered a boot earlier and kept
+  until then, as the simulated group requires. Only the per-minute noise is unknown to it.
+* ``recent level, hindsight``: a policy that sizes on the mean of the last ``W`` minutes it can
+  see when it orders capacity (boot + metric delay + period earlier), with the best capacity per
+  level fitted in hindsight and no boot cost or minimum hold (frictionless): an optimistic bound
+  for policies whose only signal is the recent level.
+
+For each, the miss budget is spent where it saves most (a Lagrangian sweep over the price of a
+missed minute), and the cheapest point within ``--max-miss-pct`` is reported as a ratio to the
+oracle's instance-hours.
+
+    python bench/autoscale_bounds.py            # July, whole month -> bench/results/autoscale_bounds.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+
+import autoscale_sim as sim  # noqa: E402
+
+
+def per_level_capacity(bins: np.ndarray, need: np.ndarray, price: float) -> np.ndarray:
+    """Per minute, the capacity that minimises ``capacity + price * P(miss)`` within its bin."""
+    cap = np.zeros(len(need))
+    for b in np.unique(bins):
+        m = bins == b
+        nb = need[m]
+        cand = np.arange(1, int(nb.max()) + 2)
+        misses = (nb[None, :] > cand[:, None]).sum(axis=1)
+        cap[m] = cand[np.argmin(cand * m.sum() + price * misses)]
+    return cap
+
+
+def cheapest_within(
+    bins: np.ndarray, need: np.ndarray, o_cost: float, max_miss_pct: float, billed_ready
+) -> dict | None:
+    """Sweep the price of a missed minute; the cheapest (ratio, miss %) within the budget."""
+    best = None
+    for price in np.geomspace(5, 5000, 120):
+        billed, ready = billed_ready(per_level_capacity(bins, need, price))
+        miss = 100.0 * float(np.mean(need > ready))
+        ratio = float(billed.sum()) / o_cost
+        if miss <= max_miss_pct and (best is None or ratio < best["vs_oracle"]):
+            best = {"vs_oracle": round(ratio, 3), "under_provisioned_pct": round(miss, 3)}
+    return best
+
+
+def bounds(need: np.ndarray, load: np.ndarray, boot_min: int, lag_min: int, half: int, windows, max_miss):
+    """The reference points for one trace (``load``: demand in instances, unrounded)."""
+    n = len(need)
+    _, o_cost = sim.oracle(need, boot_min)
+    cs = np.concatenate([[0.0], np.cumsum(load)])
+    i = np.arange(n)
+    lo, hi = np.clip(i - half, 0, n), np.clip(i + half + 1, 0, n)
+    centred = (cs[hi] - cs[lo] - load) / np.maximum(hi - lo - 1, 1)
+
+    def held(cap):
+        """Capacity for minute j is ordered at j - boot_min and kept: billed(k) = max(cap[k..k+boot]);
+        ready(j) = min(billed[j-boot..j]), as in the simulated group (boots cancelled first)."""
+        ahead = np.concatenate([cap, np.full(boot_min, cap[-1])])
+        billed = sliding_window_view(ahead, boot_min + 1).max(axis=1)
+        behind = np.concatenate([np.full(boot_min, billed[0]), billed])
+        return billed, sliding_window_view(behind, boot_min + 1).min(axis=1)
+
+    out = {"clairvoyant level": cheapest_within(np.floor(centred / 0.1), need, o_cost, max_miss, held)}
+    for w in windows:
+        end = np.clip(i - lag_min + 1, 0, n)
+        start = np.clip(end - w, 0, n)
+        recent = (cs[end] - cs[start]) / np.maximum(end - start, 1)
+        out[f"recent level ({w} min), hindsight, frictionless"] = cheapest_within(
+            np.floor(recent / 0.1), need, o_cost, max_miss, lambda cap: (cap, cap)
+        )
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--trace", type=Path, default=sim.DEFAULT_TRACE)
+    p.add_argument("--since")
+    p.add_argument("--until")
+    p.add_argument("--capacity-rps", type=float, default=50.0)
+    p.add_argument("--peak-instances", type=int, default=20)
+    p.add_argument("--boot-min", type=int, default=4)
+    p.add_argument("--metric-delay-min", type=int, default=1)
+    p.add_argument("--half", type=int, default=15, help="half-width of the clairvoyant smoothing (minutes)")
+    p.add_argument("--windows", default="15,30", help="recent-level windows (minutes)")
+    p.add_argument("--max-miss-pct", type=float, default=0.5)
+    p.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "autoscale_bounds.json")
+    args = p.parse_args(argv)
+    cfg = sim.SimConfig(capacity_rps=args.capacity_rps, peak_instances=args.peak_instances)
+    t, req = sim.load_trace(args.trace, args.since, args.until)
+    demand = req * sim.scale_factor(req, cfg)
+    need = sim.needed_instances(demand, cfg)
+    load = demand / (cfg.capacity_rps * 60.0)
+    lag = args.boot_min + args.metric_delay_min + 1  # boot + metric delay + one period
+    windows = [int(w) for w in args.windows.split(",") if w]
+    result = bounds(need, load, args.boot_min, lag, args.half, windows, args.max_miss_pct)
+    print(f"{args.trace.name} {args.since or ''}..{args.until or ''}: {len(t)} minutes, "
+          f"cheapest within {args.max_miss_pct} % of minutes under-provisioned")  # fmt: skip
+    for name, row in result.items():
+        print(
+            f"  {name:<48}"
+            + (f"{row['vs_oracle']:>7}x {row['under_provisioned_pct']:>7} %" if row else "  none")
+        )
+    doc = {"trace": args.trace.name, "since": args.since, "until": args.until, "minutes": len(t),
+           "boot_min": args.boot_min, "lag_min": lag, "half": args.half, "bounds": result}  # fmt: skip
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(doc, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
