@@ -11,13 +11,12 @@ Lifecycle (EC2 Auto Scaling lifecycle hooks, see ``docs/autoscaling.md``):
    CONTINUE. If the model cannot be fetched, the server dies or warm-up passes
    ``warmup_timeout_s``: ABANDON (Auto Scaling terminates and replaces the instance).
 2. **Serving**: every ``poll_s`` look at IMDSv2 ``autoscaling/target-lifecycle-state`` and
-   ``spot/instance-action``; once per ``metrics_period_s`` of the wall clock (periods aligned
-   to it: one datapoint per instance per minute, stamped with the minute it covers) publish the
-   server's in-flight, queue, requests, 429s and p99 to CloudWatch (the metrics the scaling
-   policy reads); every
-   ``model_poll_s`` compare the SSM parameter with the model served and hot-swap
-   (``POST /admin/swap``); a refused swap leaves the old version serving and is not retried
-   until the parameter changes again.
+   ``spot/instance-action``; sample the server's gauges 48 times per ``metrics_period_s``; once
+   per period of the wall clock (aligned to it: one datapoint per instance per minute, stamped
+   with the minute it covers) publish the server's mean in-flight, queue, requests, 429s and
+   p99 to CloudWatch (the metrics the scaling policy reads); every ``model_poll_s`` compare the
+   SSM parameter with the model served and hot-swap (``POST /admin/swap``); a refused swap
+   leaves the old version serving and is not retried until the parameter changes again.
 3. **Drain** (target state ``Terminated``, or a spot interruption notice): SIGTERM the server
    (``/readyz`` 503 so the load balancer stops routing, admitted requests finish), heartbeat the
    terminate hook (``nlpfleet-drain``) while it takes long, flush the last metrics, then
@@ -53,6 +52,7 @@ from inference.agent_metrics import Scrape, minute_datapoints, parse_scrape
 log = logging.getLogger("nlpfleet.agent")
 
 IMDS_URL = "http://169.254.169.254"
+GAUGE_SAMPLES = 48  # samples of the queue gauge per metrics period (1.25 s apart in a minute)
 
 
 # ----------------------------------------------------------------------------- settings
@@ -487,13 +487,18 @@ class Agent:
         last_model = period_t0 = self.clock()
         period = period_of(self.wall(), s.metrics_period_s)
         poll_s = self._every(s.poll_s)
+        # the gauges' period means are estimates: GAUGE_SAMPLES samples per period, whatever the poll
+        sample_s = min(poll_s, self._every(s.metrics_period_s) / GAUGE_SAMPLES)
+        next_poll = self.clock()
         while not self.stop_event.is_set():
-            obs = Observation(self.imds.target_lifecycle_state(), self.imds.spot_action(), self._alive())
-            step = next_step(obs)
-            if step != "serve":
-                if obs.spot_action:
-                    self.outcome.append("spot-notice")
-                return step
+            if self.clock() >= next_poll:
+                obs = Observation(self.imds.target_lifecycle_state(), self.imds.spot_action(), self._alive())
+                step = next_step(obs)
+                if step != "serve":
+                    if obs.spot_action:
+                        self.outcome.append("spot-notice")
+                    return step
+                next_poll = self.clock() + poll_s
             cur = self._scrape()
             if cur is not None:
                 gauges.append((cur.inflight, cur.queue_depth))
@@ -505,7 +510,7 @@ class Agent:
             if self.clock() - last_model >= self._every(s.model_poll_s):
                 self._maybe_swap()
                 last_model = self.clock()
-            self.sleep(poll_s)
+            self.sleep(sample_s)
         return "stopped"
 
     def drain(self) -> bool:
