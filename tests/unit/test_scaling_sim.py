@@ -104,3 +104,19 @@ def test_split_reports_both_parts_of_one_replay(tmp_path):
     assert all(p["oracle"]["vs_oracle"] == 1.0 for p in parts)
     with pytest.raises(SystemExit):
         sim.main(["--trace", str(trace), "--out", str(out), "--split", "2030-01-01"])
+
+
+def test_bounds_are_exact_without_noise_and_never_below_the_oracle():
+    """``bench/autoscale_bounds.py``: a noiseless trace costs what the oracle costs; a noisy one
+    is covered within the miss budget at no less than the oracle's cost."""
+    import autoscale_bounds as ab
+
+    flat = np.full(600, 3.0)
+    for row in ab.bounds(np.ceil(flat).astype(int), flat, 4, 6, 15, [15], 0.5).values():
+        assert row == {"vs_oracle": 1.0, "under_provisioned_pct": 0.0}
+    rng = np.random.default_rng(0)
+    load = rng.poisson(60, size=3000) / 20.0
+    noisy = ab.bounds(np.ceil(load - 1e-9).astype(int), load, 4, 6, 15, [15], 0.5)
+    assert all(
+        1.0 <= row["vs_oracle"] < 1.2 and row["under_provisioned_pct"] <= 0.5 for row in noisy.values()
+    )
