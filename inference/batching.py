@@ -8,11 +8,14 @@ a 60-token text padded into a batch of 12-token texts multiplies that batch's co
 
 ``Batcher`` is the pipeline one server process runs:
 
-    submit() ─► incoming ─► tokenize (thread) ─► ready ─► take_batch ─► prepared (1 slot) ─► run (thread)
+    submit() ─► incoming ─► tokenize (thread) ─► ready ─► take_batch ─► hand-off ─► runner threads
 
-Tokenization runs in a worker thread, in groups, off the event loop; the next batch is chosen
-and padded while the previous one runs; when a run fails, every request with a text in that
-batch gets the error. Each text remembers the model it was admitted under, so a hot swap lets
+Tokenization runs in a worker thread, in groups, off the event loop. ``run_workers`` runner
+threads each take a padded batch from a thread-safe hand-off and run it; one more batch than
+there are runners is formed and padded ahead, so a runner that finishes picks the next batch up
+at once, without waiting for the event loop (busy with HTTP) to dispatch it. A batch is formed
+only when a runner slot is free, so under load it collects everything that arrived during the
+previous run. When a run fails, every request with a text in that batch gets the error. Each text remembers the model it was admitted under, so a hot swap lets
 queued texts finish on the old model while new ones go to the new one.
 """
 
@@ -20,6 +23,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import queue
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -116,8 +121,6 @@ class Model(Protocol):
 class BatchMetrics(Protocol):
     def observe_batch(self, size: int, padded_tokens: int, run_s: float) -> None: ...
 
-    def set_queue_depth(self, n: int) -> None: ...
-
 
 @dataclass(eq=False)
 class _Request:
@@ -175,27 +178,35 @@ class Batcher:
         self._ready: list[_Item] = []
         self._incoming_evt = asyncio.Event()
         self._ready_evt = asyncio.Event()
-        self._prepared: asyncio.Queue[_Batch] = asyncio.Queue(maxsize=1)
         self._tok_pool = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
-        # Concurrent model runs. One run already spreads over intra_op_threads cores; on a small
-        # CPU shared with the event loop, two single-threaded runs side by side waste less on
-        # thread synchronisation (bench/bench_server.py measures both).
+        # Concurrent model runs, each in its own thread (ONNX Runtime releases the GIL while it
+        # runs). On CPU, single-threaded runs side by side beat one run spread over the cores:
+        # small batches spend much of a multi-threaded run synchronising its threads.
         self.run_workers = run_workers
-        self._run_pool = ThreadPoolExecutor(run_workers, thread_name_prefix="infer")
+        self._handoff: queue.SimpleQueue[_Batch | None] = queue.SimpleQueue()
+        self._slots: asyncio.Semaphore | None = None  # batches formed and not finished
+        self._runners: list[threading.Thread] = []
         self._tasks: list[asyncio.Task] = []
         self._queued_texts = 0
 
     @property
     def queue_depth(self) -> int:
-        """Texts admitted and not yet in a running batch."""
+        """Texts admitted and not yet handed to a model runner."""
         return self._queued_texts
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
+        # Each runner runs one batch; one more batch waits padded in the hand-off.
+        self._slots = asyncio.Semaphore(self.run_workers + 1)
+        self._runners = [
+            threading.Thread(target=self._runner, args=(loop,), name=f"infer-{i}", daemon=True)
+            for i in range(self.run_workers)
+        ]
+        for t in self._runners:
+            t.start()
         self._tasks = [
             loop.create_task(self._tokenize_loop(), name="tokenize"),
             loop.create_task(self._batch_loop(), name="batch"),
-            *(loop.create_task(self._run_loop(), name=f"run-{i}") for i in range(self.run_workers)),
         ]
 
     async def stop(self) -> None:
@@ -211,8 +222,16 @@ class Batcher:
             r.fail(err)
         for it in self._ready:
             it.request.fail(err)
+        while True:  # batches formed but not taken by a runner
+            try:
+                batch = self._handoff.get_nowait()
+            except queue.Empty:
+                break
+            for it in batch.items if batch else ():
+                it.request.fail(err)
+        for _ in self._runners:
+            self._handoff.put(None)
         self._tok_pool.shutdown(wait=False)
-        self._run_pool.shutdown(wait=False)
 
     async def submit(self, model: Model, texts: list[str], top_k: int = 1) -> list[dict]:
         fut = asyncio.get_running_loop().create_future()
@@ -224,9 +243,7 @@ class Batcher:
         return await fut
 
     def _add_queued(self, n: int) -> None:
-        self._queued_texts += n
-        if self.metrics:
-            self.metrics.set_queue_depth(self._queued_texts)
+        self._queued_texts += n  # the metric reads queue_depth when scraped
 
     async def _tokenize_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -267,6 +284,15 @@ class Batcher:
             self._ready_evt.set()
 
     async def _batch_loop(self) -> None:
+        assert self._slots is not None
+        while True:
+            # Form a batch only when a runner will take it soon: what arrives meanwhile joins it.
+            await self._slots.acquire()
+            batch = await self._next_batch()
+            self._add_queued(-len(batch.items))
+            self._handoff.put(batch)
+
+    async def _next_batch(self) -> _Batch:
         while True:
             while not self._ready:
                 self._ready_evt.clear()
@@ -302,44 +328,57 @@ class Batcher:
                 batch.inputs = model.pad([it.ids for it in items])
             except Exception:
                 log.exception("padding a batch failed")  # left to the runner, which reports it
-            # Waits here while the previous batch still runs: this one is ready to go.
-            await self._prepared.put(batch)
+            return batch
 
-    async def _run_loop(self) -> None:
-        loop = asyncio.get_running_loop()
+    def _runner(self, loop: asyncio.AbstractEventLoop) -> None:
+        """A runner thread: run batches from the hand-off, post each outcome to the event loop."""
         while True:
-            batch = await self._prepared.get()
-            self._add_queued(-len(batch.items))
-            top_ks = [it.request.top_k for it in batch.items]
+            batch = self._handoff.get()
+            if batch is None:
+                return
+            results, error = None, None
             t0 = time.perf_counter()
             try:
                 if batch.inputs is None:
                     raise RuntimeError("the batch could not be padded")
-                results = await loop.run_in_executor(
-                    self._run_pool, batch.model.predict_padded, batch.inputs, top_ks
-                )
+                top_ks = [it.request.top_k for it in batch.items]
+                results = batch.model.predict_padded(batch.inputs, top_ks)
                 if len(results) != len(batch.items):
                     raise RuntimeError(f"model returned {len(results)} results for {len(batch.items)} texts")
             except Exception as e:
                 log.exception("batch of %d texts failed", len(batch.items))
-                err = ServeError("backend", f"inference failed: {type(e).__name__}: {e}"[:300])
-                failed = {id(it.request): it.request for it in batch.items}
-                for r in failed.values():
-                    r.fail(err)
-                # Their other texts may still be queued: drop them rather than run them for nothing.
-                dropped = [it for it in self._ready if id(it.request) in failed]
-                if dropped:
-                    self._ready = [it for it in self._ready if id(it.request) not in failed]
-                    self._add_queued(-len(dropped))
+                error = e
+            run_s = time.perf_counter() - t0
+            try:
+                loop.call_soon_threadsafe(self._deliver, batch, results, error, run_s)
+            except RuntimeError:  # the loop is closed: the server has stopped, nobody waits
+                return
+
+    def _deliver(
+        self, batch: _Batch, results: list | None, error: BaseException | None, run_s: float
+    ) -> None:
+        """On the event loop: answer the requests of a finished batch, free its runner slot."""
+        assert self._slots is not None
+        self._slots.release()
+        if error is not None or results is None:
+            err = ServeError("backend", f"inference failed: {type(error).__name__}: {error}"[:300])
+            failed = {id(it.request): it.request for it in batch.items}
+            for r in failed.values():
+                r.fail(err)
+            # Their other texts may still be queued: drop them rather than run them for nothing.
+            dropped = [it for it in self._ready if id(it.request) in failed]
+            if dropped:
+                self._ready = [it for it in self._ready if id(it.request) not in failed]
+                self._add_queued(-len(dropped))
+            return
+        if self.metrics:
+            self.metrics.observe_batch(len(batch.items), batch.padded_tokens, run_s)
+        for it, res in zip(batch.items, results, strict=True):
+            r = it.request
+            if r.future.done():
                 continue
-            if self.metrics:
-                self.metrics.observe_batch(len(batch.items), batch.padded_tokens, time.perf_counter() - t0)
-            for it, res in zip(batch.items, results, strict=True):
-                r = it.request
-                if r.future.done():
-                    continue
-                res["truncated"] = it.truncated
-                r.results[it.pos] = res
-                r.remaining -= 1
-                if r.remaining == 0:
-                    r.future.set_result(r.results)
+            res["truncated"] = it.truncated
+            r.results[it.pos] = res
+            r.remaining -= 1
+            if r.remaining == 0:
+                r.future.set_result(r.results)

@@ -35,8 +35,10 @@ class Settings:
     # Execution overrides; empty means "choose from the hardware and the manifest".
     variant: str = ""
     providers: tuple[str, ...] = ()
-    intra_op_threads: int = 0  # 0: ONNX Runtime's default (one per core)
-    run_workers: int = 1  # batches run concurrently (each on intra_op_threads threads)
+    # Batches run concurrently (run_workers), each on intra_op_threads threads; 0 = auto
+    # (threads_for): on CPU one single-threaded run per core, on a GPU one run.
+    intra_op_threads: int = 0
+    run_workers: int = 0
     # Dynamic batching: padded cost of a batch = longest sequence x texts. 0 = by provider
     # (auto_batch_tokens): on CPU every padded token costs, so small length-grouped batches win;
     # a GPU runs a big batch in about the time of a small one.
@@ -82,11 +84,12 @@ class Settings:
         need(bool(self.model), "model", "must name a directory or an s3:// URI")
         need(0 < self.port < 65536, "port", "must be in 1..65535")
         need(self.variant in ("", "fp32", "int8", "fp16"), "variant", "must be fp32, int8 or fp16")
-        for key in ("max_batch_size", "run_workers", "max_inflight_requests", "max_texts_per_request",
+        for key in ("max_batch_size", "max_inflight_requests", "max_texts_per_request",
                     "max_chars_per_text", "max_tokens_per_text"):  # fmt: skip
             need(getattr(self, key) > 0, key, "must be positive")
         need(self.max_wait_ms >= 0, "max_wait_ms", "must be >= 0")
-        need(self.intra_op_threads >= 0, "intra_op_threads", "must be >= 0")
+        need(self.intra_op_threads >= 0, "intra_op_threads", "must be >= 0 (0 = auto)")
+        need(self.run_workers >= 0, "run_workers", "must be >= 0 (0 = auto)")
         need(self.drain_grace_s >= 0 and self.drain_timeout_s > 0, "drain_timeout_s", "must be positive")
         need(self.token_overflow in TOKEN_OVERFLOW_POLICIES, "token_overflow", "must be truncate or reject")
         # One text of the longest allowed length must always fit in a batch on its own.
@@ -96,6 +99,29 @@ class Settings:
             f"must be >= max_tokens_per_text ({self.max_tokens_per_text})",
         )
         return self
+
+    def threads_for(self, *, on_gpu: bool, cpus: int) -> tuple[int, int]:
+        """``(run_workers, intra_op_threads)`` in force; 0 = ONNX Runtime's default threads.
+
+        On CPU, runs x threads fill the cores, and by default every run is single-threaded:
+        a BERT-small batch of ~10 short texts spends much of a multi-threaded run waiting at
+        the threads' barriers (on 2 cores, two 1-thread runs side by side served 1.7x the
+        requests of one 2-thread run). On a GPU one run at a time feeds the device.
+
+        >>> s = Settings.from_env({"NLPFLEET_MODEL": "/m"})
+        >>> s.threads_for(on_gpu=False, cpus=2), s.threads_for(on_gpu=True, cpus=8)
+        ((2, 1), (1, 0))
+        >>> Settings.from_env({"NLPFLEET_MODEL": "/m", "NLPFLEET_INTRA_OP_THREADS": "4"}).threads_for(on_gpu=False, cpus=8)
+        (2, 4)
+        """
+        if on_gpu:
+            return self.run_workers or 1, self.intra_op_threads
+        if self.run_workers and self.intra_op_threads:
+            return self.run_workers, self.intra_op_threads
+        if self.run_workers:
+            return self.run_workers, max(1, cpus // self.run_workers)
+        threads = self.intra_op_threads or 1
+        return max(1, cpus // threads), threads
 
     def batch_tokens_for(self, provider: str, max_tokens_per_text: int) -> int:
         """The token budget in force: the configured one, or the provider's default.
