@@ -42,7 +42,7 @@ bench-pipeline: $(STAMP)
 bench-server: $(STAMP)
 	$(BIN)/python bench/bench_server.py
 bench-autoscale: $(STAMP)
-	$(BIN)/python bench/autoscale_sim.py
+	$(BIN)/python bench/autoscale_sim.py --split 1995-07-15 --out bench/results/autoscale_july.png
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
