@@ -229,14 +229,14 @@ def start_stack(cfg: DemoConfig) -> dict:
     )
     # the autoscaler's settings for a compressed day (all are its documented environment):
     # a floor of `fleet_min` (it keeps the fleet at 0 until a model is active), no seasonal
-    # history yet, a short look-back and scale-in window (two clock minutes: two trace hours)
+    # history yet, a short look-back (two clock minutes: two trace hours) and scale-in window (one)
     scfg.env_overrides.update(
         {
             "SCALING_MIN_SIZE": str(cfg.fleet_min),
             "SCALING_FORECAST_WEIGHT": "0",
             "SCALING_BOOT_DELAY_S": "120",
             "SCALING_SCALE_OUT_LOOKBACK_S": "120",
-            "SCALING_SCALE_IN_STABILIZATION_S": "120",
+            "SCALING_SCALE_IN_STABILIZATION_S": "60",
             "SCALING_SCALE_IN_MAX_STEP_FRACTION": "0.5",
             "SCALING_TARGET_INFLIGHT_PER_INSTANCE": str(cfg.target_inflight),
         }
@@ -494,7 +494,11 @@ def instance_minutes(s: Session, t_start: float, t_end: float) -> float:
     return total / 60.0
 
 
-def plot(path: Path, windows: list[dict], samples: list[dict], title: str) -> None:
+def plot(
+    path: Path, windows: list[dict], samples: list[dict], title: str, trace: tuple[str, float] | None = None
+) -> None:
+    """Traffic, capacity and p99 over the replay; ``trace`` = (trace start, trace minutes per
+    second) labels the top axis with the trace's clock."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -507,6 +511,14 @@ def plot(path: Path, windows: list[dict], samples: list[dict], title: str) -> No
     axes[0].bar(t, [w["failed"] for w in windows], width=1.5, color="tab:red", label="failed")
     axes[0].set_ylabel("traffic")
     axes[0].legend(loc="upper right")
+    if trace is not None and t:
+        start, per_s = datetime.fromisoformat(trace[0]), trace[1]
+        top = axes[0].twiny()
+        top.set_xlim(axes[0].get_xlim())
+        ticks = [x for x in range(0, int(max(t)) + 1, 20)]
+        top.set_xticks(ticks)
+        top.set_xticklabels([f"{start + timedelta(minutes=x * per_s):%a %H:%M}" for x in ticks], fontsize=7)
+        top.set_xlabel("trace time")
     st = [x["t"] for x in samples]
     axes[1].step(st, [x["desired"] for x in samples], where="post", label="desired", color="tab:purple")
     axes[1].step(
@@ -521,7 +533,7 @@ def plot(path: Path, windows: list[dict], samples: list[dict], title: str) -> No
         linestyle=":",
     )
     axes[1].set_ylabel("instances")
-    axes[1].legend(loc="upper right")
+    axes[1].legend(loc="upper left")
     axes[2].plot(t, [(w["p99_s"] or 0) * 1000 for w in windows], color="tab:red")
     axes[2].set_ylabel("p99 latency (ms)")
     axes[2].set_xlabel("seconds since the replay started")
@@ -619,7 +631,13 @@ def run(cfg: DemoConfig, hooks: Hooks | None = None) -> dict:
             k: v for k, v in s.local().items() if k in ("dispatcher", "failures", "lb", "instances")
         }
         png = cfg.out_dir / "timeline.png"
-        plot(png, windows(results), sampler.samples, "nlpfleet local demo: traffic, capacity, p99 latency")
+        plot(
+            png,
+            windows(results),
+            sampler.samples,
+            "nlpfleet local demo: traffic, capacity, p99 latency",
+            (cfg.trace_start, cfg.trace_minutes_per_s),
+        )
         summary["timeline_png"] = str(png)
         summary["results"] = [(r.sent_at, r.status, r.target, r.model) for r in results]
     finally:
