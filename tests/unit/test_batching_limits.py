@@ -49,6 +49,32 @@ def test_bad_settings_fail_fast_naming_the_key(env, key):
         Settings.from_env(env)
 
 
+@pytest.mark.parametrize(
+    "env, on_gpu, cpus, expected",
+    [
+        ({}, False, 2, (2, 1)),  # CPU: one single-threaded run per core
+        ({}, False, 16, (16, 1)),
+        ({"NLPFLEET_RUN_WORKERS": "1"}, False, 2, (1, 2)),  # one run spread over the cores
+        ({"NLPFLEET_INTRA_OP_THREADS": "4"}, False, 16, (4, 4)),
+        ({"NLPFLEET_RUN_WORKERS": "3", "NLPFLEET_INTRA_OP_THREADS": "2"}, False, 2, (3, 2)),  # as told
+        ({}, True, 8, (1, 0)),  # GPU: one run feeds the device; ONNX Runtime's own CPU threads
+    ],
+)
+def test_runs_and_threads_fill_the_cores_unless_told(env, on_gpu, cpus, expected):
+    s = Settings.from_env({"NLPFLEET_MODEL": "/m", **env})
+    assert s.threads_for(on_gpu=on_gpu, cpus=cpus) == expected
+
+
+def test_a_cpu_provider_override_on_a_gpu_machine_runs_like_cpu():
+    from inference.providers import Hardware
+    from inference.server import resolve_threads
+
+    gpu = Hardware(available_providers=("CUDAExecutionProvider", "CPUExecutionProvider"), gpu_count=1)
+    assert resolve_threads(Settings.from_env({"NLPFLEET_MODEL": "/m"}), gpu).run_workers == 1
+    cpu_only = Settings.from_env({"NLPFLEET_MODEL": "/m", "NLPFLEET_PROVIDERS": "CPUExecutionProvider"})
+    assert resolve_threads(cpu_only, gpu).intra_op_threads == 1
+
+
 def test_cli_flags_override_environment():
     args = vars(
         _arg_parser().parse_args(
