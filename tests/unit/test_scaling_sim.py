@@ -120,3 +120,8 @@ def test_bounds_are_exact_without_noise_and_never_below_the_oracle():
     assert all(
         1.0 <= row["vs_oracle"] < 1.2 and row["under_provisioned_pct"] <= 0.5 for row in noisy.values()
     )
+    # the policy-signal mapping fitted on one part and scored on the other
+    exact = ab.fitted_then_held_out(np.ceil(flat).astype(int), flat, 6, 300, 0.5)
+    assert (exact["vs_oracle"], exact["under_provisioned_pct"]) == (1.0, 0.0)
+    held = ab.fitted_then_held_out(np.ceil(load - 1e-9).astype(int), load, 6, 1500, 0.5)
+    assert 1.0 <= held["vs_oracle"] < 1.3 and held["under_provisioned_pct"] <= 0.5
