@@ -177,3 +177,56 @@ def test_publish_refuses_a_tampered_directory_before_uploading(artifact):
 def test_bad_uris(uri):
     with pytest.raises(ArtifactError):
         parse_s3_uri(uri)
+
+
+# ---------------------------------------------------------------- int8 graph rewrite
+
+
+def test_softened_padding_mask_keeps_attention_weights_and_leaves_other_constants():
+    """The int8 export swaps the float32-minimum padding mask for a finite one (ORT's CPU Softmax
+    is ~8x slower on the denormals the minimum produces): padded positions must still get no
+    weight, and unrelated constants must stay as they are."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from inference.export import _soften_padding_mask
+
+    def const(name, value):
+        return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.float32(value)))
+
+    graph = helper.make_graph(
+        [
+            const("minf", np.finfo(np.float32).min),
+            const("zero", 0.0),
+            const("other_min", np.finfo(np.float32).min),  # not a mask: feeds Max
+            helper.make_node("Where", ["pad", "minf", "zero"], ["mask"]),
+            helper.make_node("Add", ["scores", "mask"], ["masked"]),
+            helper.make_node("Softmax", ["masked"], ["probs"], axis=-1),
+            helper.make_node("Max", ["scores", "other_min"], ["floor"]),
+        ],
+        "attention",
+        [
+            helper.make_tensor_value_info("scores", TensorProto.FLOAT, [2, 6]),
+            helper.make_tensor_value_info("pad", TensorProto.BOOL, [2, 6]),
+        ],
+        [
+            helper.make_tensor_value_info("probs", TensorProto.FLOAT, [2, 6]),
+            helper.make_tensor_value_info("floor", TensorProto.FLOAT, [2, 6]),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
+    scores = np.array([[3.0, -2.0, 8.0, 1.0, 0.5, 9.0], [-4.0, 2.0, 2.0, 7.0, -1.0, 0.0]], np.float32)
+    pad = np.array([[0, 0, 0, 0, 1, 1], [0, 0, 1, 1, 1, 1]], bool)
+
+    def run(m):
+        sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+        return sess.run(None, {"scores": scores, "pad": pad})
+
+    before = run(model)
+    assert _soften_padding_mask(model) == 1
+    after = run(model)
+    assert np.all(after[0][pad] < 1e-15)  # padded positions (even a top score of 9) get no weight
+    np.testing.assert_allclose(after[0], before[0], atol=1e-7)
+    np.testing.assert_array_equal(after[1], before[1])
+    assert _soften_padding_mask(model) == 0  # nothing left to replace
