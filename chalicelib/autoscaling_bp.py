@@ -14,7 +14,7 @@ Functions (Chalice names them after the handlers):
 * ``on_instance_terminate_action`` ``aws.autoscaling`` / ``EC2 Instance-terminate Lifecycle Action``
 
 Time: every handler decides at ``event_time(event)``, the later of the event's ``time`` and the
-wall clock (see there). The fleet is held at zero while no model is active: an instance can only
+wall clock (see there). The fleet is held at zero while no model is active (and none serves): an instance can only
 warm up by loading the active model, so one launched before a model exists would be abandoned and
 replaced in a loop.
 """
@@ -145,7 +145,7 @@ def handle_scale(s: ScalingSettings, ad: ScalingAdapters, now: float) -> dict[st
     floor = scheduled_floor(now, s.floor_schedule, s.time_zone)
     fleet = group.counts(max_size=s.max_size)
     fleet = replace(fleet, min_size=max(fleet.min_size, s.min_size))
-    if _has_active_model(ad):
+    if fleet.in_service > 0 or _has_active_model(ad):
         decision = decide(s.policy, PolicyInput(metrics, fleet, floor), state, s, now)
     else:
         decision = no_model_decision(fleet, state, s)
@@ -174,9 +174,10 @@ def handle_scale(s: ScalingSettings, ad: ScalingAdapters, now: float) -> dict[st
 
 
 def no_model_decision(fleet: FleetCounts, state: PolicyState, s: ScalingSettings) -> Decision:
-    """Zero instances while the active-model parameter is unset, whatever the floors say: an
-    instance warms up by loading the active model, so without one it would be abandoned at
-    warm-up and replaced, again and again. The rollout of the first model lifts the hold."""
+    """Zero instances while the active-model parameter is unset and none serves, whatever the
+    floors say: an instance warms up by loading the active model, so without one it would be
+    abandoned at warm-up and replaced, again and again. The rollout of the first model lifts the
+    hold. (A fleet already serving keeps its policy: losing the parameter must not stop it.)"""
     reason = f"hold at 0: no active model ({s.active_model_param} unset)"
     fields = {"policy": s.policy, "previous_desired": fleet.desired, "need": 0}
     return Decision(0, reason, state, fields)
@@ -190,7 +191,8 @@ def handle_capacity_floor(s: ScalingSettings, ad: ScalingAdapters, now: float) -
     floor = min(floor, group.max_size)
     desired = max(group.desired, floor)
     fields = {"asg": s.asg_name, "min_size": floor, "previous_min_size": group.min_size, "desired": desired}
-    if not _has_active_model(ad):  # see no_model_decision: no floor without a model to serve
+    serving = any(st == "InService" for st in group.instances.values())
+    if not serving and not _has_active_model(ad):  # see no_model_decision: no model to serve
         floor = desired = 0
         fields.update(min_size=0, desired=0, reason=f"no active model ({s.active_model_param} unset)")
     if floor == group.min_size and desired == group.desired:

@@ -220,3 +220,15 @@ def test_no_instance_is_launched_before_a_model_is_active(aws, client):
     publish_model()
     again = handle_scale(s, ScalingAdapters.from_settings(s), time.time())
     assert again["desired"] == 2 and "no active model" not in again["reason"]
+
+
+def test_a_serving_fleet_is_not_stopped_when_the_model_parameter_goes_missing(aws):
+    asg = aws["asg"]
+    in_service(asg, 2)
+    publish(range(2, 12), per_instance_inflight=8.0, instances=2)
+    boto3.client("ssm", region_name=REGION).delete_parameter(Name="/nlpfleet/dev/active-model")
+    s = ScalingSettings.from_env({"INFERENCE_ASG_NAME": GROUP, "SCALING_STATE_TABLE": TABLE})
+    out = handle_scale(s, ScalingAdapters.from_settings(s), time.time())
+    assert out["desired"] >= 2 and "no active model" not in out["reason"]
+    floor = handle_capacity_floor(s, ScalingAdapters.from_settings(s), time.time())
+    assert "reason" not in floor and group(asg)["DesiredCapacity"] >= 2
