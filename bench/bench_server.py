@@ -607,6 +607,7 @@ def main(argv: list[str] | None = None) -> int:
     secs = args.duration_s
     print(f"artifact {artifact} ({manifest['name']}/{manifest['version']}), naive side: {checkpoint}; {len(texts)} Banking77 texts, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}")  # fmt: skip
     results: dict = {
+        "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "artifact": str(artifact),
         "model": {"name": manifest["name"], "version": manifest["version"]},
         "naive_checkpoint": str(checkpoint),
