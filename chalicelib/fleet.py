@@ -11,8 +11,8 @@ metric                 unit       per instance per minute
 =====================  =========  ==========================================================
 ``RequestCount``       Count      answered requests (non-429)
 ``ThrottledCount``     Count      requests refused with 429
-``InflightRequests``   Count      mean in-flight requests (``nlpfleet_inflight_requests``)
-``QueueDepth``         Count      mean queued requests (``nlpfleet_queue_depth``)
+``InflightRequests``   Count      mean admitted, unanswered requests, queued included
+``QueueDepth``         Count      mean texts waiting for a model run (a subset)
 ``LatencyP99``         Seconds    p99 of ``nlpfleet_request_latency_seconds`` over the minute
 =====================  =========  ==========================================================
 

@@ -127,15 +127,20 @@ class Decision:
 def load_units(m: MinuteMetrics, target_inflight: float) -> float:
     """Offered load of one minute in instances at the target in-flight per instance.
 
-    Admitted work is in-flight plus queued; 429s are demand the fleet turned away, scaled in by
-    Little's law (same latency as the answered requests).
+    Admitted work is the in-flight count: every admitted request not answered yet, the queued
+    ones included (the server's ``nlpfleet_inflight_requests``; the agent reports its period mean
+    by Little's law). Queue depth is a subset of it, counted in texts, so it is not added again.
+    429s are demand the fleet turned away, scaled in by Little's law (same latency as the
+    answered requests).
 
     >>> load_units(MinuteMetrics(t=0, requests=600, inflight=16.0), 8.0)
     2.0
     >>> load_units(MinuteMetrics(t=0, requests=600, throttled=600, inflight=16.0), 8.0)
     4.0
+    >>> load_units(MinuteMetrics(t=0, requests=600, inflight=16.0, queue_depth=6.0), 8.0)
+    2.0
     """
-    admitted = m.inflight + m.queue_depth
+    admitted = m.inflight
     if m.throttled > 0:
         if m.requests > 0:
             admitted *= (m.requests + m.throttled) / m.requests
@@ -383,7 +388,7 @@ def decide_predictive(inp: PolicyInput, state: PolicyState, s: ScalingSettings, 
 def _per_instance(m: MinuteMetrics, fleet: FleetCounts) -> float:
     """The tracked metric: in-flight (+ queued, + refused) per instance that reported it."""
     n = m.instances or fleet.in_service
-    admitted = m.inflight + m.queue_depth
+    admitted = m.inflight
     if m.throttled > 0 and m.requests > 0:
         admitted *= (m.requests + m.throttled) / m.requests
     return admitted / max(n, 1)
