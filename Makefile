@@ -39,8 +39,11 @@ demo: $(STAMP)
 bench: bench-pipeline bench-server bench-autoscale
 bench-pipeline: $(STAMP)
 	$(BIN)/python bench/bench_pipeline.py
+# The Banking77 model of bench-pipeline when it exists (the production setup), else a fixture.
 bench-server: $(STAMP)
-	$(BIN)/python bench/bench_server.py
+	if [ -f out/bench-pipeline/artifact/manifest.json ] && [ -d out/bench-pipeline/run/model ]; then \
+	  $(BIN)/python bench/bench_server.py --model out/bench-pipeline/artifact --naive-model out/bench-pipeline/run/model; \
+	else $(BIN)/python bench/bench_server.py; fi
 bench-autoscale: $(STAMP)
 	$(BIN)/python bench/autoscale_sim.py --split 1995-07-15 --out bench/results/autoscale_july.png
 
