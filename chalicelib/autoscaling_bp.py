@@ -144,11 +144,17 @@ def handle_scale(s: ScalingSettings, ad: ScalingAdapters, now: float) -> dict[st
     state = PolicyState.from_dict(doc)
     floor = scheduled_floor(now, s.floor_schedule, s.time_zone)
     fleet = group.counts(max_size=s.max_size)
-    fleet = replace(fleet, min_size=max(fleet.min_size, s.min_size))
+    # The group's MinSize is the floor the capacity-floor schedule last applied. When the floor
+    # has since gone down (the night's schedule, or SCALING_MIN_SIZE lowered), follow it within a
+    # minute instead of waiting for the next floor tick: MinSize would otherwise pin the fleet.
+    floor_now = min(max(s.min_size, floor), group.max_size)
+    lower_min = group.min_size > floor_now
+    fleet = replace(fleet, min_size=max(floor_now if lower_min else fleet.min_size, s.min_size))
     if fleet.in_service > 0 or _has_active_model(ad):
         decision = decide(s.policy, PolicyInput(metrics, fleet, floor), state, s, now)
     else:
         decision = no_model_decision(fleet, state, s)
+        lower_min = False
     fields = {
         "asg": s.asg_name,
         "desired": decision.desired,
@@ -163,9 +169,13 @@ def handle_scale(s: ScalingSettings, ad: ScalingAdapters, now: float) -> dict[st
         ad.store.save_policy_state(s.asg_name, decision.state.to_dict(), version, fields)
     except ConcurrentUpdate:
         return _log("scaling_skipped", reason="another invocation decided this minute", **fields)
-    if decision.desired != group.desired or decision.desired < group.min_size:
+    if lower_min:
+        fields["min_size"] = {"from": group.min_size, "to": fleet.min_size}
+    if decision.desired != group.desired or decision.desired < group.min_size or lower_min:
         if s.dry_run:
             fields["dry_run"] = f"would have set desired capacity {group.desired} -> {decision.desired}"
+        elif lower_min:  # the floor went down: MinSize follows it
+            ad.asg.set_min_size(s.asg_name, fleet.min_size, decision.desired)
         elif decision.desired < group.min_size:  # only without a model: the floor goes too
             ad.asg.set_min_size(s.asg_name, decision.desired, decision.desired)
         else:

@@ -232,3 +232,23 @@ def test_a_serving_fleet_is_not_stopped_when_the_model_parameter_goes_missing(aw
     assert out["desired"] >= 2 and "no active model" not in out["reason"]
     floor = handle_capacity_floor(s, ScalingAdapters.from_settings(s), time.time())
     assert "reason" not in floor and group(asg)["DesiredCapacity"] >= 2
+
+
+def test_a_lowered_floor_releases_min_size_within_a_minute(aws):
+    """The capacity-floor schedule raised MinSize to 3; the floor is now 1 (the night, or
+    SCALING_MIN_SIZE lowered): the next scaling minute lowers MinSize, so the fleet can scale in
+    without waiting for the next floor tick."""
+    asg = aws["asg"]
+    asg.update_auto_scaling_group(AutoScalingGroupName=GROUP, MinSize=3, DesiredCapacity=3)
+    in_service(asg, 3)
+    publish(range(2, 12), per_instance_inflight=0.5, instances=3)
+    env = {"INFERENCE_ASG_NAME": GROUP, "SCALING_STATE_TABLE": TABLE, "SCALING_MIN_SIZE": "1"}
+    s = ScalingSettings.from_env(env)
+    out = handle_scale(s, ScalingAdapters.from_settings(s), time.time())
+    assert out["min_size"] == {"from": 3, "to": 1}
+    assert group(asg)["MinSize"] == 1 and group(asg)["DesiredCapacity"] == out["desired"]
+    # a floor that still holds is left alone
+    s3 = ScalingSettings.from_env({**env, "SCALING_MIN_SIZE": "3"})
+    asg.update_auto_scaling_group(AutoScalingGroupName=GROUP, MinSize=3, DesiredCapacity=3)
+    again = handle_scale(s3, ScalingAdapters.from_settings(s3), time.time())
+    assert "min_size" not in again and group(asg)["MinSize"] == 3 and again["desired"] >= 3
