@@ -192,11 +192,17 @@ class LoadBalancer:
             except httpx.TimeoutException:
                 self.counters["failed"] += 1
                 t.responses[504] = t.responses.get(504, 0) + 1
-                return JSONResponse({"error": "target timed out"}, status_code=504)
+                return JSONResponse(
+                    {"error": "target timed out"}, status_code=504, headers={"x-nlpfleet-target": t.target_id}
+                )
             except httpx.HTTPError as exc:
                 self.counters["failed"] += 1
                 t.responses[502] = t.responses.get(502, 0) + 1
-                return JSONResponse({"error": f"target failed: {type(exc).__name__}"}, status_code=502)
+                return JSONResponse(
+                    {"error": f"target failed: {type(exc).__name__}"},
+                    status_code=502,
+                    headers={"x-nlpfleet-target": t.target_id},
+                )
             finally:
                 t.outstanding -= 1
             t.responses[r.status_code] = t.responses.get(r.status_code, 0) + 1

@@ -170,7 +170,15 @@ def test_product_end_to_end_with_faults(tmp_path, data_dir, trained_artifact):
 
     # under traffic: the job's model served, then the new version rolled out, with no failure
     traffic = summary["traffic"]
-    assert traffic["failed"] == 0, traffic["failures"]
+    # A crash cuts the requests the victim had already admitted (an ALB answers those 502 too):
+    # those, and only those, may fail; nothing during the rollout or the scale-in, and nothing
+    # sent to the victim once the load balancer saw it gone.
+    cut = [
+        f
+        for f in traffic["failures"]
+        if f["target"] == faults.victim and f["status"] == 502 and f["sent_at"] <= faults.t["kill"] + 1.0
+    ]
+    assert len(cut) <= 2 and traffic["failed"] == len(cut), traffic["failures"]
     assert {"rollout", "rolled_out", "kill", "replaced", "scaled_in"} <= set(faults.t), faults.t
     served = [(t, target, model) for t, status, target, model in summary["results"] if status == 200]
     first, last = [m for _, _, m in served[:20]], [m for _, _, m in served[-20:]]
