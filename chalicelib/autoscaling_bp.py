@@ -147,7 +147,7 @@ def handle_scale(s: ScalingSettings, ad: ScalingAdapters, now: float) -> dict[st
     # The group's MinSize is the floor the capacity-floor schedule last applied. When the floor
     # has since gone down (the night's schedule, or SCALING_MIN_SIZE lowered), follow it within a
     # minute instead of waiting for the next floor tick: MinSize would otherwise pin the fleet.
-    floor_now = min(max(s.min_size, floor), group.max_size)
+    floor_now = _group_floor(s, floor, group.max_size)
     lower_min = group.min_size > floor_now
     fleet = replace(fleet, min_size=max(floor_now if lower_min else fleet.min_size, s.min_size))
     if fleet.in_service > 0 or _has_active_model(ad):
@@ -183,6 +183,12 @@ def handle_scale(s: ScalingSettings, ad: ScalingAdapters, now: float) -> dict[st
     return _log("scaling_decision", **fields)
 
 
+def _group_floor(s: ScalingSettings, scheduled: int, max_size: int) -> int:
+    """The group's MinSize as the floors define it now: the configured minimum or the schedule's
+    floor, whichever is higher, never above the group's maximum."""
+    return min(max(s.min_size, scheduled), max_size)
+
+
 def no_model_decision(fleet: FleetCounts, state: PolicyState, s: ScalingSettings) -> Decision:
     """Zero instances while the active-model parameter is unset and none serves, whatever the
     floors say: an instance warms up by loading the active model, so without one it would be
@@ -196,9 +202,8 @@ def no_model_decision(fleet: FleetCounts, state: PolicyState, s: ScalingSettings
 def handle_capacity_floor(s: ScalingSettings, ad: ScalingAdapters, now: float) -> dict[str, Any]:
     """Apply the scheduled floor to the ASG itself (MinSize), so the floor holds even if the
     per-minute policy stops running; raise desired capacity at once when below it."""
-    floor = max(s.min_size, scheduled_floor(now, s.floor_schedule, s.time_zone))
     group = ad.asg.describe(s.asg_name)
-    floor = min(floor, group.max_size)
+    floor = _group_floor(s, scheduled_floor(now, s.floor_schedule, s.time_zone), group.max_size)
     desired = max(group.desired, floor)
     fields = {"asg": s.asg_name, "min_size": floor, "previous_min_size": group.min_size, "desired": desired}
     serving = any(st == "InService" for st in group.instances.values())
