@@ -181,12 +181,52 @@ def choose_execution(
 
 def detect_hardware() -> Hardware:
     """Read the machine: the providers this onnxruntime build offers and the NVIDIA GPUs the
-    driver exposes (``/proc/driver/nvidia/gpus`` has one entry per GPU)."""
+    driver exposes (``/proc/driver/nvidia/gpus`` has one entry per GPU; where that is hidden, as
+    in some containers and micro-VMs, the ``/dev/nvidiaN`` device nodes are counted).
+
+    A GPU build of ONNX Runtime lists TensorRT whether or not the TensorRT libraries are
+    installed; a session asked for it then fails over to CUDA with the *fp32* graph (the plan
+    picked fp32 for TensorRT). So TensorRT counts as available only when its runtime loads."""
     import onnxruntime as ort
 
-    gpus_dir = "/proc/driver/nvidia/gpus"
+    available = tuple(ort.get_available_providers())
+    if TRT in available and not tensorrt_loadable():
+        available = tuple(p for p in available if p != TRT)
+    return Hardware(available_providers=available, gpu_count=count_gpus())
+
+
+def count_gpus(proc_dir: str = "/proc/driver/nvidia/gpus", dev_dir: str = "/dev") -> int:
+    """NVIDIA GPUs on this machine (0 when there is no driver)."""
     try:
-        gpu_count = len(os.listdir(gpus_dir))
+        return len(os.listdir(proc_dir))
     except OSError:
-        gpu_count = 0
-    return Hardware(available_providers=tuple(ort.get_available_providers()), gpu_count=gpu_count)
+        pass
+    try:
+        return sum(1 for n in os.listdir(dev_dir) if n.startswith("nvidia") and n[6:].isdigit())
+    except OSError:
+        return 0
+
+
+def tensorrt_loadable() -> bool:
+    """Whether the TensorRT runtime (``libnvinfer``) can be loaded: from the library path, or
+    from the ``tensorrt_libs`` wheel's folder (``pip install tensorrt-cu13``), which ONNX Runtime's
+    TensorRT provider also finds."""
+    import ctypes
+    import importlib.util
+
+    names = ("libnvinfer.so.10", "libnvinfer.so")
+    for name in names:
+        try:
+            ctypes.CDLL(name)
+            return True
+        except OSError:
+            pass
+    spec = importlib.util.find_spec("tensorrt_libs")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        for name in names:
+            try:
+                ctypes.CDLL(os.path.join(folder, name))
+                return True
+            except OSError:
+                pass
+    return False

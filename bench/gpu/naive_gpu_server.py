@@ -1,7 +1,7 @@
 """The naive GPU baseline for ``bench/gpu_bench.py``: a transformers pipeline on the GPU inside
 the request handler, one request at a time (what a tutorial would deploy).
 
-    python bench/gpu/naive_gpu_server.py PORT [--cpu]
+    python bench/gpu/naive_gpu_server.py PORT [--cpu] [--base MINILM_DIR]
 """
 
 from __future__ import annotations
@@ -15,17 +15,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def main() -> None:
-    import bench_server
     import uvicorn
     from starlette.applications import Starlette
     from starlette.responses import JSONResponse
     from starlette.routing import Route
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
+    from transformers import AutoTokenizer, pipeline
 
     port = int(sys.argv[1])
     device = "cpu" if "--cpu" in sys.argv else 0
-    base = bench_server.base_model_dir()
-    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=77)
+    import gpu_bench
+
+    base = gpu_bench.base_model_dir(sys.argv[sys.argv.index("--base") + 1] if "--base" in sys.argv else None)
+    model = gpu_bench.hf_classifier(base)
     pipe = pipeline(
         "text-classification", model=model, tokenizer=AutoTokenizer.from_pretrained(base), device=device
     )

@@ -84,3 +84,33 @@ def test_overrides_win():
 def test_impossible_overrides_are_refused_not_replaced(kw, message):
     with pytest.raises(ProviderError, match=message):
         choose_execution(**kw)
+
+
+def test_gpus_counted_from_device_nodes_when_the_proc_folder_is_hidden(tmp_path):
+    from inference.providers import count_gpus
+
+    dev = tmp_path / "dev"
+    dev.mkdir()
+    for n in ("nvidia0", "nvidia1", "nvidiactl", "nvidia-uvm", "null"):
+        (dev / n).touch()
+    assert count_gpus(proc_dir=str(tmp_path / "missing"), dev_dir=str(dev)) == 2
+    proc = tmp_path / "gpus"
+    proc.mkdir()
+    (proc / "0000:00:1e.0").mkdir()
+    assert count_gpus(proc_dir=str(proc), dev_dir=str(dev)) == 1
+    assert count_gpus(proc_dir=str(tmp_path / "missing"), dev_dir=str(tmp_path / "nodev")) == 0
+
+
+def test_tensorrt_listed_by_onnxruntime_but_not_installed_is_not_chosen(monkeypatch):
+    """onnxruntime-gpu lists TensorRT even without libnvinfer; planning for it would run the
+    fp32 graph on CUDA after ORT's silent fallback. This machine has no TensorRT."""
+    import onnxruntime as ort
+
+    from inference import providers
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [TRT, CUDA, CPU])
+    assert not providers.tensorrt_loadable()
+    hw = providers.detect_hardware()
+    assert hw.available_providers == (CUDA, CPU)
+    plan = choose_execution(available=hw.available_providers, gpu_count=1, published=ALL)
+    assert plan.provider_names[0] == CUDA and plan.variant == "fp16"
