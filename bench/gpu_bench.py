@@ -1,4 +1,4 @@
-"""GPU serving benchmark (prepared; not yet run: this project's machines have no GPU so far).
+"""GPU serving benchmark (run on an H100 on 2026-11-26: README, bench/results/gpu-h100.json).
 
 On one NVIDIA GPU, for the MiniLM (all-MiniLM-L6-v2 with a 77-label head) and for a
 bert-base-sized BERT (12 layers, hidden 768; randomly initialised from a ``BertConfig``, since
@@ -17,6 +17,8 @@ no model hub is reachable; speed does not depend on the weights):
     pip install tensorrt-cu13          # TensorRT 10 libraries for the TensorRT EP (CUDA 13)
     apt-get install -y wrk
     python bench/gpu_bench.py [--models minilm,bert-base] [--seconds 4] [--out gpu.json]
+
+On a GPU machine without network or this project's packages: ``bench/gpu/run_on_device.sh``.
 
 Exits with status 2 and a message naming what is missing when there is no GPU or no GPU build
 of ONNX Runtime. ``--cpu-smoke`` runs the same code paths on CPU providers with a tiny model
