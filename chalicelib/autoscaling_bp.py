@@ -51,8 +51,6 @@ autoscaling = Blueprint(__name__)
 log = logging.getLogger("nlpfleet.autoscaling")
 log.setLevel(logging.INFO)
 
-WINDOW_S = 30 * 60  # metrics the policy looks at each minute (its seasonal memory is in its state)
-
 
 @dataclass
 class ScalingAdapters:
@@ -139,7 +137,7 @@ def handle_scale(s: ScalingSettings, ad: ScalingAdapters, now: float) -> dict[st
     lifecycle = _execute_lifecycle(sweep(ad.store.instances(), group.instances, s, now), s, ad)
     minute = int(now) // 60 * 60
     end = minute - s.metric_delay_s
-    metrics = ad.metrics.window(s.metrics_namespace, s.asg_name, end - WINDOW_S, end)
+    metrics = ad.metrics.window(s.metrics_namespace, s.asg_name, end - s.metrics_window_s, end)
     doc, version = ad.store.load_policy_state(s.asg_name)
     state = PolicyState.from_dict(doc)
     floor = scheduled_floor(now, s.floor_schedule, s.time_zone)

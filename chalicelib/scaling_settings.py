@@ -91,6 +91,9 @@ class ScalingSettings:
     # level_short_window_s when that is higher (a ramp shows there first)
     level_window_s: int = 1800
     level_short_window_s: int = 600
+    # the metrics each decision reads (the level's and the noise's window; the seasonal memory is
+    # in the policy's state). A compressed replay shortens it with the rest of its clock.
+    metrics_window_s: int = 1800
     # headroom above it for the minutes a decision covers: headroom_z standard deviations of the
     # per-minute noise observed in the metrics window, plus headroom_min_instances (a fixed part:
     # a quiet window says little about the next burst). The four were chosen on 1995-07-01..14 of
@@ -175,6 +178,7 @@ class ScalingSettings:
             level_short_window_s=int(
                 num("SCALING_LEVEL_SHORT_WINDOW_S", ScalingSettings.level_short_window_s)
             ),
+            metrics_window_s=int(num("SCALING_METRICS_WINDOW_S", ScalingSettings.metrics_window_s)),
             headroom_z=num("SCALING_HEADROOM_Z", ScalingSettings.headroom_z, float),
             headroom_min_instances=num(
                 "SCALING_HEADROOM_MIN_INSTANCES", ScalingSettings.headroom_min_instances, float
@@ -193,6 +197,11 @@ class ScalingSettings:
         if s.level_window_s < 60:
             raise ScalingConfigError(
                 "SCALING_LEVEL_WINDOW_S (or SCALING_SCALE_OUT_LOOKBACK_S) must be at least 60"
+            )
+        if s.metrics_window_s < s.level_window_s:
+            raise ScalingConfigError(
+                f"SCALING_METRICS_WINDOW_S={s.metrics_window_s} is shorter than the level window "
+                f"({s.level_window_s} s: SCALING_LEVEL_WINDOW_S)"
             )
         if s.target_inflight_per_instance <= 0:
             raise ScalingConfigError("SCALING_TARGET_INFLIGHT_PER_INSTANCE must be positive")

@@ -75,7 +75,12 @@ class DemoConfig:
     trace_minutes_per_s: float = 6.0  # a trace day in 4 minutes: one clock minute is a trace hour
     rps_per_req_per_min: float = 0.15  # the trace's requests/minute become this many requests/second
     settle_s: float = 30.0  # after the replay: how long to wait for a scale-in that has not happened
-    target_inflight: float = 0.1  # mean in-flight requests per instance the autoscaler aims for (this box)
+    # Mean in-flight requests per instance the autoscaler aims for. The server answers in about
+    # 7.5 ms here, so the replayed day is about 0.12 in flight at its peak (16 requests/s) and
+    # 0.045-0.075 in the night: at 0.05 the peak needs the group's 4 and the small hours 2, and
+    # the policy's whole instances (its headroom as deployed) follow the day out and back in. At
+    # 0.1 the whole day spanned under one instance of need: 2 from morning to dawn, 3 once.
+    target_inflight: float = 0.05
     env: dict[str, str] = field(default_factory=dict)  # handler environment overrides
     quiet: bool = False
 
@@ -229,13 +234,18 @@ def start_stack(cfg: DemoConfig) -> dict:
     )
     # the autoscaler's settings for a compressed day (all are its documented environment):
     # a floor of `fleet_min` (it keeps the fleet at 0 until a model is active), no seasonal
-    # history yet, a short look-back (two clock minutes: two trace hours) and scale-in window (one)
+    # history yet, a short look-back (two clock minutes: two trace hours) and scale-in window (one),
+    # and ten clock minutes of metrics per decision (ten trace hours, where a deployment reads half
+    # an hour): the noise part of the headroom at night is then the evening's, not still the
+    # morning ramp's and the boots' latency bumps (with 30 minutes, 30 trace hours, it was, and
+    # when the night's scale-in came varied by hours from run to run)
     scfg.env_overrides.update(
         {
             "SCALING_MIN_SIZE": str(cfg.fleet_min),
             "SCALING_FORECAST_WEIGHT": "0",
             "SCALING_BOOT_DELAY_S": "120",
             "SCALING_SCALE_OUT_LOOKBACK_S": "120",
+            "SCALING_METRICS_WINDOW_S": "600",
             "SCALING_SCALE_IN_STABILIZATION_S": "60",
             "SCALING_SCALE_IN_MAX_STEP_FRACTION": "0.5",
             "SCALING_TARGET_INFLIGHT_PER_INSTANCE": str(cfg.target_inflight),
@@ -519,6 +529,19 @@ def plot(
         top.set_xticks(ticks)
         top.set_xticklabels([f"{start + timedelta(minutes=x * per_s):%a %H:%M}" for x in ticks], fontsize=7)
         top.set_xlabel("trace time")
+        # the trace's nights (22:00-06:00 in its own time zone), where the fleet should come back in
+        end = start + timedelta(minutes=max(t) * per_s)
+        day = start.replace(hour=0, minute=0, second=0, microsecond=0) - timedelta(days=1)
+        shaded = False
+        while day <= end:
+            a = (day + timedelta(hours=22) - start).total_seconds() / 60 / per_s
+            b = (day + timedelta(hours=30) - start).total_seconds() / 60 / per_s
+            if b > 0 and a < max(t):
+                for ax in axes:
+                    label = "trace night (22:00-06:00)" if ax is axes[1] and not shaded else None
+                    ax.axvspan(max(a, 0), min(b, max(t)), color="0.92", zorder=0, label=label)
+                shaded = True
+            day += timedelta(days=1)
     st = [x["t"] for x in samples]
     axes[1].step(st, [x["desired"] for x in samples], where="post", label="desired", color="tab:purple")
     axes[1].step(
@@ -652,7 +675,7 @@ def run(cfg: DemoConfig, hooks: Hooks | None = None) -> dict:
 
 
 def scaling_shape(samples: list[dict], results: list, cfg: DemoConfig) -> dict:
-    """When the fleet peaked and when it came back in, on the replay's clock and the trace's."""
+    """When the fleet peaked and each time it came back in, on the replay's clock and the trace's."""
     if not samples:
         return {}
     desired = [x["desired"] for x in samples]
@@ -660,6 +683,7 @@ def scaling_shape(samples: list[dict], results: list, cfg: DemoConfig) -> dict:
     i_peak = desired.index(peak)
     i_in = next((i for i in range(i_peak, len(desired)) if desired[i] < peak), None)
     start = datetime.fromisoformat(cfg.trace_start)
+    replay_s = cfg.trace_minutes / cfg.trace_minutes_per_s
 
     def trace_time(t: float) -> str:
         return f"{start + timedelta(minutes=t * cfg.trace_minutes_per_s):%a %H:%M}"
@@ -670,6 +694,17 @@ def scaling_shape(samples: list[dict], results: list, cfg: DemoConfig) -> dict:
         "peak_at_trace": trace_time(samples[i_peak]["t"]),
         "scaled_in": i_in is not None,
         "min_after_peak": min(desired[i_peak:]),
+        # every step down after the peak; after the replay's end there is no trace clock
+        "scale_ins": [
+            {
+                "t_s": round(samples[i]["t"], 1),
+                "trace": trace_time(samples[i]["t"]) if samples[i]["t"] <= replay_s else "after the replay",
+                "from": desired[i - 1],
+                "to": desired[i],
+            }
+            for i in range(i_peak + 1, len(desired))
+            if desired[i] < desired[i - 1]
+        ],
     }
     if i_in is not None:
         out.update(
@@ -705,6 +740,8 @@ def print_summary(summary: dict) -> None:
         if sc.get("scaled_in"):
             line += f", scaled in at t={sc['scale_in_at_s']}s (trace {sc['scale_in_at_trace']})"
         print(line + f", lowest after the peak {sc['min_after_peak']}")
+        steps = ", ".join(f"{x['from']} -> {x['to']} at {x['trace']}" for x in sc.get("scale_ins") or [])
+        print(f"scale-in steps:    {steps or 'none'}")
     print("scaling decisions:")
     for d in summary.get("decisions", []):
         fleet = d.get("fleet") or {}

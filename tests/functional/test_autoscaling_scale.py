@@ -127,6 +127,30 @@ def test_dry_run_decides_and_logs_but_does_not_touch_the_group(aws):
     assert group(asg)["DesiredCapacity"] == 2
 
 
+def test_a_shorter_metrics_window_forgets_an_old_burst(aws):
+    """SCALING_METRICS_WINDOW_S bounds what each decision reads: a bursty half hour that has left a
+    short window no longer inflates the noise part of the headroom (a compressed replay's day)."""
+    asg = aws["asg"]
+    in_service(asg, 4)
+    publish(range(2, 7), per_instance_inflight=4.0, instances=2)  # the last 5 minutes: 1 instance, steady
+    for ago in range(7, 30):  # before them, a bursty stretch: 1 and 5 instances' worth in turn
+        publish(range(ago, ago + 1), per_instance_inflight=4.0 if ago % 2 else 20.0, instances=2)
+    base = {
+        "INFERENCE_ASG_NAME": GROUP,
+        "SCALING_STATE_TABLE": TABLE,
+        "DRY_RUN": "true",
+        "SCALING_LEVEL_WINDOW_S": "300",
+        "SCALING_LEVEL_SHORT_WINDOW_S": "0",
+    }
+    now = time.time()
+    short = ScalingSettings.from_env({**base, "SCALING_METRICS_WINDOW_S": "300"})
+    out = handle_scale(short, ScalingAdapters.from_settings(short), now)
+    assert out["metrics_minutes"] <= 5 and out["noise"] == 0.0 and out["desired"] < 4
+    default = ScalingSettings.from_env(base)
+    out = handle_scale(default, ScalingAdapters.from_settings(default), now)
+    assert out["metrics_minutes"] >= 25 and out["noise"] > 1.0 and out["desired"] > 4
+
+
 @pytest.mark.parametrize(
     ("local_time", "expected_min"),
     [("2026-11-23T09:00:00-05:00", 4), ("2026-11-23T23:00:00-05:00", 1), ("2026-11-28T09:00:00-05:00", 2)],

@@ -273,6 +273,7 @@ def test_floor_schedule_in_local_time_across_dst(iso, floor):
         ({"INFERENCE_ASG_NAME": "g", "SCALING_MIN_SIZE": "9", "SCALING_MAX_SIZE": "3"}, "SCALING_MIN_SIZE"),
         ({"INFERENCE_ASG_NAME": "g", "SCALING_HEADROOM_Z": "lots"}, "SCALING_HEADROOM_Z"),
         ({"INFERENCE_ASG_NAME": "g", "SCALING_LEVEL_WINDOW_S": "0"}, "SCALING_LEVEL_WINDOW_S"),
+        ({"INFERENCE_ASG_NAME": "g", "SCALING_METRICS_WINDOW_S": "600"}, "SCALING_METRICS_WINDOW_S"),
     ],
 )
 def test_settings_fail_fast_naming_the_key(env, key):
