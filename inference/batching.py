@@ -1,4 +1,4 @@
-"""Dynamic batching: a pure "take the next batch" decision and the asyncio pipeline around it.
+"""Dynamic batching: a pure "take the next batch" decision and the pipeline around it.
 
 ``take_batch`` chooses, from the queue of tokenized texts, the next batch: it always holds the
 oldest text (nothing starves), then grows by the neighbour *in length order* that adds the least
@@ -8,26 +8,29 @@ a 60-token text padded into a batch of 12-token texts multiplies that batch's co
 
 ``Batcher`` is the pipeline one server process runs:
 
-    submit() ─► incoming ─► tokenize (thread) ─► ready ─► take_batch ─► hand-off ─► runner threads
+    submit() ─► incoming ─┐
+                          └─ runner thread: tokenize what came in ─► ready ─► take_batch ─► pad ─► run
+                                                                                     │
+    event loop ◄──────────── results (one call per batch) ◄──────────────────────────┘
 
-Tokenization runs in a worker thread, in groups, off the event loop. ``run_workers`` runner
-threads each take a padded batch from a thread-safe hand-off and run it; one more batch than
-there are runners is formed and padded ahead, so a runner that finishes picks the next batch up
-at once, without waiting for the event loop (busy with HTTP) to dispatch it. A batch is formed
-only when a runner slot is free, so under load it collects everything that arrived during the
-previous run. When a run fails, every request with a text in that batch gets the error. Each text remembers the model it was admitted under, so a hot swap lets
-queued texts finish on the old model while new ones go to the new one.
+The event loop only appends a request to ``incoming`` and later sets its future: everything
+else happens in the ``run_workers`` runner threads, off the event loop. A runner that is free
+takes what has arrived, tokenizes it (the Rust tokenizer releases the GIL), and forms its next
+batch *at that moment* from everything waiting, so under load a batch is chosen from the deepest
+possible queue (better length grouping, less padding) and no thread hop sits between a runner
+finishing and the next batch starting. When the runners are idle, the first text waits at most
+``max_wait_ms`` for company. When a run fails, every request with a text in that batch gets the
+error. Each text remembers the model it was admitted under, so a hot swap lets queued texts
+finish on the old model while new ones go to the new one; a batch never mixes models.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -136,7 +139,7 @@ class _Request:
             self.future.set_exception(err)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Item:
     request: _Request
     pos: int
@@ -145,17 +148,10 @@ class _Item:
     arrival: float
 
 
-@dataclass(eq=False)
-class _Batch:
-    model: Model
-    items: list[_Item]
-    padded_tokens: int
-    inputs: Any = None  # padded arrays, built before the runner takes the batch
-
-
 class Batcher:
-    """The asyncio pipeline of one server process. ``await submit(model, texts, top_k)``
-    returns one result dict per text, or raises ``ServeError``."""
+    """The batching pipeline of one server process. ``await submit(model, texts, top_k)``
+    returns one result dict per text, or raises ``ServeError``. ``start()`` and ``submit()``
+    are called on the event loop; the runner threads do the rest."""
 
     def __init__(
         self,
@@ -174,20 +170,20 @@ class Batcher:
         self.token_overflow = token_overflow
         self.metrics = metrics
         self.clock = clock
-        self._incoming: list[_Request] = []
-        self._ready: list[_Item] = []
-        self._incoming_evt = asyncio.Event()
-        self._ready_evt = asyncio.Event()
-        self._tok_pool = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
         # Concurrent model runs, each in its own thread (ONNX Runtime releases the GIL while it
         # runs). On CPU, single-threaded runs side by side beat one run spread over the cores:
         # small batches spend much of a multi-threaded run synchronising its threads.
         self.run_workers = run_workers
-        self._handoff: queue.SimpleQueue[_Batch | None] = queue.SimpleQueue()
-        self._slots: asyncio.Semaphore | None = None  # batches formed and not finished
-        self._runners: list[threading.Thread] = []
-        self._tasks: list[asyncio.Task] = []
+        # Shared between the event loop and the runners; held only for list operations, never
+        # while tokenizing or running a model.
+        self._cond = threading.Condition(threading.Lock())
+        self._incoming: list[_Request] = []  # admitted, not tokenized yet
+        self._ready: list[_Item] = []  # tokenized, waiting for a batch, oldest first
         self._queued_texts = 0
+        self._idle_runners = 0
+        self._stopped = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._runners: list[threading.Thread] = []
 
     @property
     def queue_depth(self) -> int:
@@ -195,185 +191,182 @@ class Batcher:
         return self._queued_texts
 
     def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        # Each runner runs one batch; one more batch waits padded in the hand-off.
-        self._slots = asyncio.Semaphore(self.run_workers + 1)
+        self._loop = asyncio.get_running_loop()
         self._runners = [
-            threading.Thread(target=self._runner, args=(loop,), name=f"infer-{i}", daemon=True)
+            threading.Thread(target=self._runner, name=f"infer-{i}", daemon=True)
             for i in range(self.run_workers)
         ]
         for t in self._runners:
             t.start()
-        self._tasks = [
-            loop.create_task(self._tokenize_loop(), name="tokenize"),
-            loop.create_task(self._batch_loop(), name="batch"),
-        ]
 
     async def stop(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            try:
-                await t
-            except asyncio.CancelledError:
-                pass
+        """Stop the runners; requests not yet in a running batch fail with ``draining``."""
+        with self._cond:
+            self._stopped = True
+            reqs = list(self._incoming) + [it.request for it in self._ready]
+            self._incoming, self._ready = [], []
+            self._queued_texts = 0
+            self._cond.notify_all()
         err = ServeError("draining", "server stopped before this request ran")
-        for r in self._incoming:
+        for r in reqs:
             r.fail(err)
-        for it in self._ready:
-            it.request.fail(err)
-        while True:  # batches formed but not taken by a runner
-            try:
-                batch = self._handoff.get_nowait()
-            except queue.Empty:
-                break
-            for it in batch.items if batch else ():
-                it.request.fail(err)
-        for _ in self._runners:
-            self._handoff.put(None)
-        self._tok_pool.shutdown(wait=False)
 
     async def submit(self, model: Model, texts: list[str], top_k: int = 1) -> list[dict]:
-        fut = asyncio.get_running_loop().create_future()
-        req = _Request(model=model, texts=texts, top_k=top_k, future=fut, results=[None] * len(texts))
-        req.remaining = len(texts)
-        self._incoming.append(req)
-        self._add_queued(len(texts))
-        self._incoming_evt.set()
+        assert self._loop is not None, "Batcher.start() first"
+        fut = self._loop.create_future()
+        req = _Request(model, texts, top_k, fut, [None] * len(texts), len(texts))
+        with self._cond:
+            if self._stopped:
+                raise ServeError("draining", "server is stopping")
+            self._incoming.append(req)
+            self._queued_texts += len(texts)
+            if self._idle_runners:
+                self._cond.notify()
         return await fut
 
-    def _add_queued(self, n: int) -> None:
-        self._queued_texts += n  # the metric reads queue_depth when scraped
+    # ---- runner threads ---------------------------------------------------------------------
 
-    async def _tokenize_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            await self._incoming_evt.wait()
-            self._incoming_evt.clear()
-            reqs, self._incoming = self._incoming, []
-            # Tokenize everything that arrived meanwhile in one call per model: the Rust
-            # tokenizer is fastest on a list, and the hop to the thread is paid once.
-            by_model: dict[int, list[_Request]] = {}
-            for r in reqs:
-                by_model.setdefault(id(r.model), []).append(r)
-            for group in by_model.values():
-                texts = [t for r in group for t in r.texts]
-                try:
-                    encs = await loop.run_in_executor(self._tok_pool, group[0].model.encode, texts)
-                except Exception as e:  # a tokenizer failure is the backend's, not the client's
-                    log.exception("tokenization failed")
-                    for r in group:
-                        self._add_queued(-len(r.texts))
-                        r.fail(ServeError("backend", f"tokenization failed: {type(e).__name__}"))
-                    continue
-                now = self.clock()
-                k = 0
-                for r in group:
-                    mine = encs[k : k + len(r.texts)]
-                    k += len(r.texts)
-                    if self.token_overflow == "reject":
-                        over = [i for i, e in enumerate(mine) if e.truncated]
-                        if over:
-                            self._add_queued(-len(r.texts))
-                            r.fail(
-                                ServeError("too_large", f"inputs {over[:10]} exceed the token limit per text")
-                            )
-                            continue
-                    for i, e in enumerate(mine):
-                        self._ready.append(_Item(r, i, e.ids, e.truncated, now))
-            self._ready_evt.set()
+    def _post(self, fn, *args) -> bool:
+        """Run ``fn(*args)`` on the event loop; False once the loop is gone (server stopped)."""
+        try:
+            self._loop.call_soon_threadsafe(fn, *args)  # type: ignore[union-attr]
+            return True
+        except RuntimeError:
+            return False
 
-    async def _batch_loop(self) -> None:
-        assert self._slots is not None
+    def _runner(self) -> None:
+        """One runner thread: tokenize what arrived, form the next batch, run it, post results."""
         while True:
-            # Form a batch only when a runner will take it soon: what arrives meanwhile joins it.
-            await self._slots.acquire()
-            batch = await self._next_batch()
-            self._add_queued(-len(batch.items))
-            self._handoff.put(batch)
-
-    async def _next_batch(self) -> _Batch:
-        while True:
-            while not self._ready:
-                self._ready_evt.clear()
-                await self._ready_evt.wait()
-            # Only texts admitted under the oldest text's model can share its batch.
-            model = self._ready[0].request.model
-            cands = [i for i, it in enumerate(self._ready) if it.request.model is model]
-            lengths = [len(self._ready[i].ids) for i in cands]
-            age_ms = (self.clock() - self._ready[0].arrival) * 1000.0
-            wait_ms = wait_before_dispatch_ms(
-                lengths,
-                age_ms,
-                max_batch_tokens=self.max_batch_tokens,
-                max_batch_size=self.max_batch_size,
-                max_wait_ms=self.max_wait_ms,
-            )
-            if wait_ms > 0:
-                self._ready_evt.clear()
-                try:
-                    await asyncio.wait_for(self._ready_evt.wait(), wait_ms / 1000.0)
-                    continue  # more arrived: decide again
-                except TimeoutError:
-                    pass
-            chosen = take_batch(
-                lengths, max_batch_tokens=self.max_batch_tokens, max_batch_size=self.max_batch_size
-            )
-            picked = {cands[j] for j in chosen}
-            items = [self._ready[i] for i in sorted(picked)]
-            self._ready = [it for i, it in enumerate(self._ready) if i not in picked]
-            longest = max(len(it.ids) for it in items)
-            batch = _Batch(model, items, longest * len(items))
-            try:
-                batch.inputs = model.pad([it.ids for it in items])
-            except Exception:
-                log.exception("padding a batch failed")  # left to the runner, which reports it
-            return batch
-
-    def _runner(self, loop: asyncio.AbstractEventLoop) -> None:
-        """A runner thread: run batches from the hand-off, post each outcome to the event loop."""
-        while True:
-            batch = self._handoff.get()
-            if batch is None:
+            job = self._next_job()
+            if job is None:
                 return
-            results, error = None, None
+            if isinstance(job, list):
+                self._tokenize(job)
+                continue
+            model, items = job
+            results, error, padded_tokens = None, None, 0
             t0 = time.perf_counter()
             try:
-                if batch.inputs is None:
-                    raise RuntimeError("the batch could not be padded")
-                top_ks = [it.request.top_k for it in batch.items]
-                results = batch.model.predict_padded(batch.inputs, top_ks)
-                if len(results) != len(batch.items):
-                    raise RuntimeError(f"model returned {len(results)} results for {len(batch.items)} texts")
+                ids = [it.ids for it in items]
+                padded_tokens = max(map(len, ids)) * len(ids)
+                results = model.predict_padded(model.pad(ids), [it.request.top_k for it in items])
+                if len(results) != len(items):
+                    raise RuntimeError(f"model returned {len(results)} results for {len(items)} texts")
             except Exception as e:
-                log.exception("batch of %d texts failed", len(batch.items))
+                log.exception("batch of %d texts failed", len(items))
                 error = e
-            run_s = time.perf_counter() - t0
-            try:
-                loop.call_soon_threadsafe(self._deliver, batch, results, error, run_s)
-            except RuntimeError:  # the loop is closed: the server has stopped, nobody waits
+            if not self._post(self._deliver, items, results, error, padded_tokens, time.perf_counter() - t0):
                 return
 
+    def _next_job(self) -> list[_Request] | tuple[Model, list[_Item]] | None:
+        """Under the lock: requests to tokenize, or the next batch (model, items), or None to
+        stop. Waits while there is nothing to do, or while a lone not-full batch may still get
+        company (at most ``max_wait_ms`` after its oldest text arrived)."""
+        with self._cond:
+            while True:
+                if self._stopped:
+                    return None
+                if self._incoming:
+                    reqs, self._incoming = self._incoming, []
+                    return reqs
+                timeout = None
+                if self._ready:
+                    # Only texts admitted under the oldest text's model can share its batch.
+                    model = self._ready[0].request.model
+                    cands = [i for i, it in enumerate(self._ready) if it.request.model is model]
+                    lengths = [len(self._ready[i].ids) for i in cands]
+                    chosen = take_batch(
+                        lengths, max_batch_tokens=self.max_batch_tokens, max_batch_size=self.max_batch_size
+                    )
+                    age_ms = (self.clock() - self._ready[0].arrival) * 1000.0
+                    full = len(chosen) >= self.max_batch_size or len(chosen) < len(lengths)
+                    if full or age_ms >= self.max_wait_ms:
+                        picked = {cands[j] for j in chosen}
+                        items = [self._ready[i] for i in sorted(picked)]
+                        self._ready = [it for i, it in enumerate(self._ready) if i not in picked]
+                        self._queued_texts -= len(items)
+                        if self._ready or self._incoming:
+                            self._cond.notify()  # another idle runner can take the rest
+                        return model, items
+                    timeout = (self.max_wait_ms - age_ms) / 1000.0
+                self._idle_runners += 1
+                try:
+                    self._cond.wait(timeout)
+                finally:
+                    self._idle_runners -= 1
+
+    def _tokenize(self, reqs: list[_Request]) -> None:
+        """Tokenize newly arrived requests (no lock held: other runners keep running) and queue
+        their texts; requests that cannot be tokenized, or over the token limit under the
+        ``reject`` policy, fail at once."""
+        by_model: dict[int, list[_Request]] = {}
+        for r in reqs:
+            by_model.setdefault(id(r.model), []).append(r)
+        items: list[_Item] = []
+        failed: list[tuple[_Request, ServeError]] = []
+        for group in by_model.values():
+            texts = [t for r in group for t in r.texts]
+            try:
+                # The Rust tokenizer is fastest on a list, and releases the GIL while it works.
+                encs = group[0].model.encode(texts)
+            except Exception as e:  # a tokenizer failure is the backend's, not the client's
+                log.exception("tokenization failed")
+                err = ServeError("backend", f"tokenization failed: {type(e).__name__}")
+                failed += [(r, err) for r in group]
+                continue
+            now = self.clock()
+            k = 0
+            for r in group:
+                mine = encs[k : k + len(r.texts)]
+                k += len(r.texts)
+                if self.token_overflow == "reject":
+                    over = [i for i, e in enumerate(mine) if e.truncated]
+                    if over:
+                        err = ServeError("too_large", f"inputs {over[:10]} exceed the token limit per text")
+                        failed.append((r, err))
+                        continue
+                items += [_Item(r, i, e.ids, e.truncated, now) for i, e in enumerate(mine)]
+        with self._cond:
+            self._queued_texts -= sum(len(r.texts) for r, _ in failed)
+            if self._stopped:  # stop() already failed what it found; these arrived too late
+                failed += [(it.request, ServeError("draining", "server stopped before this request ran"))
+                           for it in items]  # fmt: skip
+                self._queued_texts = 0
+            else:
+                self._ready += items
+        if failed:
+            self._post(self._fail, failed)
+
+    # ---- on the event loop ------------------------------------------------------------------
+
+    @staticmethod
+    def _fail(failed: list[tuple[_Request, ServeError]]) -> None:
+        for r, err in failed:
+            r.fail(err)
+
     def _deliver(
-        self, batch: _Batch, results: list | None, error: BaseException | None, run_s: float
+        self,
+        items: list[_Item],
+        results: list | None,
+        error: BaseException | None,
+        padded_tokens: int,
+        run_s: float,
     ) -> None:
-        """On the event loop: answer the requests of a finished batch, free its runner slot."""
-        assert self._slots is not None
-        self._slots.release()
+        """Answer the requests of a finished batch."""
         if error is not None or results is None:
             err = ServeError("backend", f"inference failed: {type(error).__name__}: {error}"[:300])
-            failed = {id(it.request): it.request for it in batch.items}
+            failed = {id(it.request): it.request for it in items}
             for r in failed.values():
                 r.fail(err)
             # Their other texts may still be queued: drop them rather than run them for nothing.
-            dropped = [it for it in self._ready if id(it.request) in failed]
-            if dropped:
-                self._ready = [it for it in self._ready if id(it.request) not in failed]
-                self._add_queued(-len(dropped))
+            with self._cond:
+                keep = [it for it in self._ready if id(it.request) not in failed]
+                self._queued_texts -= len(self._ready) - len(keep)
+                self._ready = keep
             return
         if self.metrics:
-            self.metrics.observe_batch(len(batch.items), batch.padded_tokens, run_s)
-        for it, res in zip(batch.items, results, strict=True):
+            self.metrics.observe_batch(len(items), padded_tokens, run_s)
+        for it, res in zip(items, results, strict=True):
             r = it.request
             if r.future.done():
                 continue

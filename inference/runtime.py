@@ -67,6 +67,9 @@ class Classifier:
         self.labels: list[str] = list(manifest["labels"])
         self.input_names = {i.name for i in session.get_inputs()}
         self.output_name = session.get_outputs()[0].name
+        # Without character offsets (tokenizers >= 0.21), which nothing here reads: measured
+        # 28 vs 39 us per Banking77 question on this CPU, a few percent of a request's cost.
+        self._encode_batch = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
         pad = tokenizer.token_to_id("[PAD]")
         self.pad_id = 0 if pad is None else pad
         self.providers_in_use: list[str] = list(session.get_providers())
@@ -108,7 +111,7 @@ class Classifier:
 
     def encode(self, texts: Sequence[str]) -> list[Encoded]:
         """Token ids per text, truncated to ``max_tokens`` (special tokens included)."""
-        encs = self.tokenizer.encode_batch(list(texts))
+        encs = self._encode_batch(list(texts))
         return [Encoded(e.ids, bool(e.overflowing)) for e in encs]
 
     def padded_shape(self, rows: int, longest: int) -> tuple[int, int]:

@@ -671,6 +671,10 @@ def main(argv: list[str] | None = None) -> int:
         http="httptools",
         lifespan="on",
         access_log=False,
+        # No X-Forwarded-* rewriting: nothing here reads it, /admin/swap must see the real peer
+        # address, and it is per-request work on the hot path.
+        proxy_headers=False,
+        server_header=False,
         log_level=settings.log_level,
         timeout_graceful_shutdown=int(settings.drain_timeout_s),
         backlog=4096,
