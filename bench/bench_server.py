@@ -7,7 +7,7 @@ in a fixed shuffled order), measured side by side in one run:
    that handles one request at a time (``pipeline("text-classification")`` in the handler);
 2. raw: the ONNX Runtime session of the variant the server serves, in-process, on pre-formed
    batches of pre-tokenized texts (sorted by length, and in arrival order), run the way the
-   server runs it (same intra-op threads, same number of concurrent runs): the upper bound, no
+   server runs it (same intra-op threads, same number of concurrent runs, pinned to the same cores): the upper bound, no
    HTTP, no load generator;
 3. server: ``python -m inference.server`` on the same artifact.
 
@@ -146,6 +146,7 @@ def raw_session(
     intra_op_threads: int,
     workers: int,
     seconds: float,
+    pin_cpus: tuple[int, ...] = (),
 ) -> dict:
     """Texts/s of one ONNX Runtime session of ``variant`` on pre-tokenized, pre-formed batches,
     run by ``workers`` threads side by side (as the server's runners do), each run on
@@ -168,6 +169,8 @@ def raw_session(
         stop_at = time.perf_counter() + secs
 
         def work(k: int) -> None:
+            if pin_cpus:  # as the server pins its runners (GET /v1/model: batching.pinned_cpus)
+                os.sched_setaffinity(0, {pin_cpus[k % len(pin_cpus)]})
             i = k
             while time.perf_counter() < stop_at:
                 batch = batches[i % len(batches)]
@@ -247,6 +250,7 @@ def batcher_in_process(
         b = Batcher(
             max_batch_size=cfg["max_batch_size"], max_batch_tokens=cfg["max_batch_tokens"],
             max_wait_ms=cfg["max_wait_ms"], run_workers=cfg["run_workers"],
+            pin_cpus=cfg.get("pinned_cpus") or (),
         )  # fmt: skip
         b.start()
         n = 0
@@ -547,6 +551,7 @@ def paired_rounds(
         raw = raw_session(
             artifact, texts, variant=server_model["variant"], batch_sizes=(8, 16, 32),
             intra_op_threads=cfg["intra_op_threads"], workers=cfg["run_workers"], seconds=secs,
+            pin_cpus=tuple(cfg.get("pinned_cpus") or ()),
         )  # fmt: skip
         per["raw_sorted"].append(raw["sorted"])
         per["raw_sorted_cpu_ms"].append(raw["sorted_cpu_ms_per_text"])

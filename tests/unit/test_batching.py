@@ -1,6 +1,7 @@
 """The batching core: which texts go together, and what every request gets back."""
 
 import asyncio
+import os
 from dataclasses import dataclass
 
 import pytest
@@ -227,3 +228,24 @@ def test_texts_admitted_under_different_models_never_share_a_batch():
 
     old, new = run(main())
     assert sum(map(len, old.batches)) == 5 and sum(map(len, new.batches)) == 5
+
+
+def test_runner_threads_run_on_the_cpus_they_are_pinned_to():
+    before = os.sched_getaffinity(0)
+    cpu = sorted(before)[-1]
+
+    class Where(WordModel):
+        def predict_padded(self, batch_ids, top_ks):
+            self.cpus = os.sched_getaffinity(0)
+            return super().predict_padded(batch_ids, top_ks)
+
+    async def main():
+        m = Where()
+        b = Batcher(max_batch_size=4, max_batch_tokens=64, max_wait_ms=0, pin_cpus=[cpu])
+        b.start()
+        await b.submit(m, ["hello there"])
+        await b.stop()
+        return m
+
+    assert run(main()).cpus == {cpu}
+    assert os.sched_getaffinity(0) == before  # only the runner threads are pinned

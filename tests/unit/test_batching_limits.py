@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import os
 
 import pytest
 from hypothesis import given, settings
@@ -146,3 +147,20 @@ def test_error_table():
 def test_only_loopback_may_swap():
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("127.0.0.5")
     assert not is_loopback("10.0.0.8") and not is_loopback("") and not is_loopback("testclient")
+
+
+def test_runners_are_pinned_one_per_core_only_for_single_threaded_cpu_runs():
+    from inference.providers import Hardware
+    from inference.server import resolve_threads, runner_cpus
+
+    cpus = sorted(os.sched_getaffinity(0))
+    cpu = Hardware(available_providers=("CPUExecutionProvider",), gpu_count=0)
+
+    def pinned(env, hw=cpu):
+        return runner_cpus(resolve_threads(Settings.from_env({"NLPFLEET_MODEL": "/m", **env}), hw), hw)
+
+    assert pinned({}) == cpus  # the auto CPU setting: one 1-thread run per core, each on its own
+    assert pinned({"NLPFLEET_PIN_RUNNERS": "0"}) == []
+    assert pinned({"NLPFLEET_INTRA_OP_THREADS": "2"}) == []  # multi-threaded runs: the OS places them
+    gpu = Hardware(available_providers=("CUDAExecutionProvider", "CPUExecutionProvider"), gpu_count=1)
+    assert pinned({}, gpu) == []
