@@ -40,8 +40,8 @@ class Settings:
     intra_op_threads: int = 0
     run_workers: int = 0
     # On CPU with one single-threaded run per core (the auto setting), pin runner i to core i
-    # (1) or leave placement to the OS (0).
-    pin_runners: int = 1
+    # (1) or leave placement to the OS (0, the default: measured both ways, see docs/serving.md).
+    pin_runners: int = 0
     # Dynamic batching: padded cost of a batch = longest sequence x texts. 0 = by provider
     # (auto_batch_tokens): on CPU every padded token costs, so small length-grouped batches win;
     # a GPU runs a big batch in about the time of a small one.

@@ -346,8 +346,9 @@ def resolve_threads(settings: Settings, hardware=None) -> Settings:
 def runner_cpus(settings: Settings, hardware=None) -> list[int]:
     """The CPUs the runner threads are pinned to, one each: the cores this process may use, when
     it runs one single-threaded CPU run per core (resolved settings) and ``pin_runners`` is on;
-    else none (no pinning). Measured under wrk on this 2-core machine (3 alternating rounds,
-    c=64): 1276-1505 req/s pinned vs 1216-1385 unpinned, 0.1-0.2 ms less CPU per request."""
+    else none (no pinning). Off by default: pinned runners served more in one A/B on this shared
+    2-core machine and less in the benchmark runs after it (docs/serving.md), and a pinned
+    runner cannot move away from a core that other work is using."""
     from inference.providers import GPU_PROVIDERS, detect_hardware
 
     if not settings.pin_runners or settings.intra_op_threads != 1 or not hasattr(os, "sched_getaffinity"):

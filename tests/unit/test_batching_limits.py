@@ -159,8 +159,9 @@ def test_runners_are_pinned_one_per_core_only_for_single_threaded_cpu_runs():
     def pinned(env, hw=cpu):
         return runner_cpus(resolve_threads(Settings.from_env({"NLPFLEET_MODEL": "/m", **env}), hw), hw)
 
-    assert pinned({}) == cpus  # the auto CPU setting: one 1-thread run per core, each on its own
-    assert pinned({"NLPFLEET_PIN_RUNNERS": "0"}) == []
-    assert pinned({"NLPFLEET_INTRA_OP_THREADS": "2"}) == []  # multi-threaded runs: the OS places them
+    on = {"NLPFLEET_PIN_RUNNERS": "1"}
+    assert pinned({}) == []  # off by default
+    assert pinned(on) == cpus  # the auto CPU setting: one 1-thread run per core, each on its own
+    assert pinned({**on, "NLPFLEET_INTRA_OP_THREADS": "2"}) == []  # multi-threaded runs: the OS places them
     gpu = Hardware(available_providers=("CUDAExecutionProvider", "CPUExecutionProvider"), gpu_count=1)
-    assert pinned({}, gpu) == []
+    assert pinned(on, gpu) == []
