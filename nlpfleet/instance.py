@@ -21,6 +21,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -168,7 +169,6 @@ def _s3(data: dict):
 def run_finetune(data: dict, report: Reporter, s3) -> tuple[str, dict]:
     from chalicelib.jobs import parse_s3_uri
     from training.config import TrainConfig
-    from training.pipeline import ExportSpec, train_and_export
 
     spec, launch = data["spec"], data.get("launch") or {}
     precision = {"fp32": "no", "fp16": "auto", "bf16": "bf16"}.get(spec.get("precision") or "fp16", "auto")
@@ -197,8 +197,19 @@ def run_finetune(data: dict, report: Reporter, s3) -> tuple[str, dict]:
     )
     _, prefix = parse_s3_uri(spec["output_uri"])
     version = prefix.rstrip("/").split("/")[-1]
-    if int(launch.get("processes") or 1) > 1:
-        return _torchrun(data, config, spec, version, report)
+    try:
+        if int(launch.get("processes") or 1) > 1:
+            return _torchrun(data, config, spec, version, report)
+        return _finetune_here(config, spec, version, report, s3)
+    finally:
+        # Checkpoints and the artifact are in S3 by now; the local copies (hundreds of MB per job)
+        # would otherwise pile up on a long-lived machine such as the local demo's.
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _finetune_here(config, spec: dict, version: str, report: Reporter, s3) -> tuple[str, dict]:
+    from training.pipeline import ExportSpec, train_and_export
+
     out = train_and_export(
         config,
         ExportSpec(name=spec["model_name"], version=version, publish_uri=spec["output_uri"]),
@@ -259,36 +270,43 @@ def run_batch_infer(data: dict, report: Reporter, s3) -> tuple[str, dict]:
 
     spec = data["spec"]
     work = Path(tempfile.mkdtemp(prefix="nlpfleet-infer-", dir=os.environ.get("NLPFLEET_SCRATCH")))
-    model_dir = fetch_artifact(spec["model_uri"], work / "model", s3)
-    clf = load_classifier(model_dir)
-    bucket, key = parse_s3_uri(spec["input_uri"])
-    src = work / Path(key).name
-    s3.download_file(bucket, key, str(src))
-    out_path = work / "predictions.jsonl"
-    batch_size = int(spec.get("batch_size") or 64)
-    n = 0
-    texts: list[tuple[int, str]] = []
+    try:
+        model_dir = fetch_artifact(spec["model_uri"], work / "model", s3)
+        clf = load_classifier(model_dir)
+        bucket, key = parse_s3_uri(spec["input_uri"])
+        src = work / Path(key).name
+        s3.download_file(bucket, key, str(src))
+        out_path = work / "predictions.jsonl"
+        batch_size = int(spec.get("batch_size") or 64)
+        n = 0
+        texts: list[tuple[int, str]] = []
 
-    def flush(f) -> None:
-        nonlocal n
-        preds = clf.classify([t for _, t in texts])
-        for (line, text), p in zip(texts, preds, strict=True):
-            f.write(json.dumps({"line": line, "text": text, "label": p["label"], "score": p["score"]}) + "\n")
-        n += len(texts)
-        texts.clear()
-        report({"event": "heartbeat", "classified": n})
+        def flush(f) -> None:
+            nonlocal n
+            preds = clf.classify([t for _, t in texts])
+            for (line, text), p in zip(texts, preds, strict=True):
+                f.write(
+                    json.dumps({"line": line, "text": text, "label": p["label"], "score": p["score"]}) + "\n"
+                )
+            n += len(texts)
+            texts.clear()
+            report({"event": "heartbeat", "classified": n})
 
-    with out_path.open("w", encoding="utf-8") as f:
-        for line, text, _ in _rows(src, spec.get("text_field") or "text", spec.get("label_field") or "label"):
-            if isinstance(text, str) and normalise(text):
-                texts.append((line, normalise(text)))
-            if len(texts) >= batch_size:
+        with out_path.open("w", encoding="utf-8") as f:
+            for line, text, _ in _rows(
+                src, spec.get("text_field") or "text", spec.get("label_field") or "label"
+            ):
+                if isinstance(text, str) and normalise(text):
+                    texts.append((line, normalise(text)))
+                if len(texts) >= batch_size:
+                    flush(f)
+            if texts:
                 flush(f)
-        if texts:
-            flush(f)
-    ob, ok = parse_s3_uri(spec["output_uri"])
-    s3.upload_file(str(out_path), ob, ok)
-    return "completed", {"output_uri": spec["output_uri"], "classified": n}
+        ob, ok = parse_s3_uri(spec["output_uri"])
+        s3.upload_file(str(out_path), ob, ok)
+        return "completed", {"output_uri": spec["output_uri"], "classified": n}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def run_preprocess(data: dict, report: Reporter, s3) -> tuple[str, dict]:

@@ -17,6 +17,7 @@ import io
 import json
 import os
 import re
+import shutil
 import tempfile
 import time
 import unicodedata
@@ -248,21 +249,24 @@ def run(spec: dict, progress: Callable[[dict], None] | None, s3_client) -> dict:
     from chalicelib.jobs import parse_s3_uri
 
     scratch = Path(tempfile.mkdtemp(prefix="nlpfleet-preprocess-", dir=os.environ.get("NLPFLEET_SCRATCH")))
-    src_uri = spec["input_uri"]
-    if src_uri.startswith("s3://"):
-        bucket, key = parse_s3_uri(src_uri)
-        src = scratch / Path(key).name
-        s3_client.download_file(bucket, key, str(src))
-    else:
-        src = Path(src_uri)
-    out_dir = scratch / "shards"
-    index = preprocess_file(src, out_dir, spec, progress)
     out = spec["output_uri"]
-    if out.startswith("s3://"):
-        bucket, prefix = parse_s3_uri(out.rstrip("/") + "/")
-        for shard in index["shards"]:
-            s3_client.upload_file(str(out_dir / shard["name"]), bucket, prefix + shard["name"])
-        s3_client.upload_file(str(out_dir / "_index.json"), bucket, prefix + "_index.json")
+    try:
+        src_uri = spec["input_uri"]
+        if src_uri.startswith("s3://"):
+            bucket, key = parse_s3_uri(src_uri)
+            src = scratch / Path(key).name
+            s3_client.download_file(bucket, key, str(src))
+        else:
+            src = Path(src_uri)
+        out_dir = scratch / "shards" if out.startswith("s3://") else Path(out)
+        index = preprocess_file(src, out_dir, spec, progress)
+        if out.startswith("s3://"):
+            bucket, prefix = parse_s3_uri(out.rstrip("/") + "/")
+            for shard in index["shards"]:
+                s3_client.upload_file(str(out_dir / shard["name"]), bucket, prefix + shard["name"])
+            s3_client.upload_file(str(out_dir / "_index.json"), bucket, prefix + "_index.json")
+    finally:  # the corpus copy and the shards are uploaded (or the job failed): free the disk
+        shutil.rmtree(scratch, ignore_errors=True)
     return {
         "output_uri": out,
         "examples": index["examples"],

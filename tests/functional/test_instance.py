@@ -19,7 +19,10 @@ def _user_data(aws, instance_id):
     return json.loads(base64.b64decode(ud["UserData"]["Value"]))
 
 
-def test_preprocess_job_runs_end_to_end_from_its_user_data(aws, client, data_dir, tmp_path):  # noqa: F811
+def test_preprocess_job_runs_end_to_end_from_its_user_data(aws, client, data_dir, tmp_path, monkeypatch):  # noqa: F811
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setenv("NLPFLEET_SCRATCH", str(scratch))
     rows = list(csv.DictReader((data_dir / "banking77" / "train.csv").open()))[:600]
     rows[5]["text"] = "   "  # an invalid row: dropped and counted
     buf = ["text,category"] + [f'"{r["text"].replace(chr(34), "")}",{r["category"]}' for r in rows]
@@ -46,6 +49,7 @@ def test_preprocess_job_runs_end_to_end_from_its_user_data(aws, client, data_dir
     assert done["heartbeat_at"] and done["progress"]
     res = done["result"]
     assert res["examples"] == 599 and res["shards"] == 3 and res["rejected"] == {"empty or missing text": 1}
+    assert list(scratch.iterdir()) == []  # the corpus copy and shards do not stay on the instance's disk
     out = res["output_uri"]
     assert out == f"s3://{BUCKET}/preprocessed/{job['job_id']}/"
     keys = [
@@ -98,8 +102,11 @@ def test_bad_user_data_is_refused(tmp_path):
 
 
 def test_batch_infer_classifies_every_text_and_writes_next_to_the_input(
-    aws, client, trained_artifact, tmp_path
+    aws, client, trained_artifact, tmp_path, monkeypatch
 ):  # noqa: F811
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setenv("NLPFLEET_SCRATCH", str(scratch))
     from inference.artifact import publish_artifact
 
     s3 = aws["s3"]
@@ -127,6 +134,7 @@ def test_batch_infer_classifies_every_text_and_writes_next_to_the_input(
 
     done = client.http.get(f"/jobs/{job['job_id']}").json_body
     assert done["state"] == "SUCCEEDED" and done["result"]["classified"] == 3
+    assert list(scratch.iterdir()) == []
     out = s3.get_object(Bucket=BUCKET, Key="datasets/tickets.csv.predictions.jsonl")["Body"].read().decode()
     preds = [json.loads(line) for line in out.splitlines()]
     labels = json.loads((trained_artifact / "labels.json").read_text())
@@ -135,7 +143,12 @@ def test_batch_infer_classifies_every_text_and_writes_next_to_the_input(
 
 
 @pytest.mark.slow
-def test_finetune_runs_the_training_worker_and_publishes_a_model(aws, client, data_dir, tmp_path):  # noqa: F811
+def test_finetune_runs_the_training_worker_and_publishes_a_model(
+    aws, client, data_dir, tmp_path, monkeypatch
+):  # noqa: F811
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setenv("NLPFLEET_SCRATCH", str(scratch))
     rows = [
         r
         for r in csv.DictReader((data_dir / "banking77" / "train.csv").open())
@@ -168,6 +181,8 @@ def test_finetune_runs_the_training_worker_and_publishes_a_model(aws, client, da
     assert done["state"] == "SUCCEEDED", done["error"]
     res = done["result"]
     assert res["model_uri"] == job["spec"]["output_uri"] and res["published_variants"]
+    # the checkpoints and the artifact (hundreds of MB for a real model) are in S3, not left on disk
+    assert list(scratch.iterdir()) == []
     key = res["model_uri"].split(BUCKET + "/")[1] + "manifest.json"
     manifest = json.loads(aws["s3"].get_object(Bucket=BUCKET, Key=key)["Body"].read())
     assert manifest["name"] == "tiny" and len(manifest["labels"]) == 3
