@@ -17,12 +17,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from inference.batching import DEFAULT_RUN_OVERHEAD_TOKENS
 from inference.providers import ExecutionPlan, Hardware, choose_execution, detect_hardware
 
 log = logging.getLogger("nlpfleet.runtime")
@@ -64,6 +66,10 @@ class Classifier:
         self.tokenizer = tokenizer
         self.max_tokens = max_tokens
         self.max_batch_size = max_batch_size
+        # A run's fixed cost in tokens, for the batcher (take_batch); the server measures it at
+        # warm-up (run_cost) or takes it from its settings.
+        self.run_overhead_tokens = DEFAULT_RUN_OVERHEAD_TOKENS
+        self.run_overhead_source = "default"
         self.labels: list[str] = list(manifest["labels"])
         self.input_names = {i.name for i in session.get_inputs()}
         self.output_name = session.get_outputs()[0].name
@@ -213,6 +219,27 @@ class Classifier:
         if self.io_binding:
             for b, s in self.shape_buckets(max_batch_size):
                 self.predict([[unk] * s] * b, [1] * b)
+
+    def run_cost(self, rounds: int = 9) -> tuple[float, float]:
+        """(fixed seconds per run, seconds per padded token) of this session, measured on two
+        shapes (one 8-token text; 16 texts of 32 tokens), the fastest of ``rounds`` runs each
+        (the least disturbed by other work on the machine). The batcher weighs a run's fixed
+        cost against padding with it (``take_batch``)."""
+        unk = self.tokenizer.token_to_id("[UNK]") or 100
+        small, big = (1, min(8, self.max_tokens)), (16, min(32, self.max_tokens))
+        times = {}
+        for b, s in (small, big):
+            feeds = self.pad([[unk] * s] * b)
+            samples = []
+            for _ in range(max(1, rounds)):
+                t0 = time.perf_counter()
+                self.predict_padded(feeds, [1] * b)
+                samples.append(time.perf_counter() - t0)
+            times[(b, s)] = min(samples)
+        tokens = {k: self.padded_shape(*k)[0] * self.padded_shape(*k)[1] for k in times}
+        per = max(1e-9, (times[big] - times[small]) / max(1, tokens[big] - tokens[small]))
+        fixed = max(0.0, times[small] - per * tokens[small])
+        return fixed, per
 
     def shape_buckets(self, max_batch_size: int) -> list[tuple[int, int]]:
         """Every (rows, length) ``pad`` can produce for batches up to ``max_batch_size``."""

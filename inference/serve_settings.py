@@ -48,6 +48,9 @@ class Settings:
     max_batch_size: int = 32
     max_batch_tokens: int = 0
     max_wait_ms: float = 2.0
+    # A model run's fixed cost, in padded tokens' worth, which the batcher weighs against padding
+    # (inference.batching.take_batch). 0 = measured on the model at warm-up (Classifier.run_cost).
+    batch_run_overhead_tokens: float = 0.0
     # Admission: requests past this many in flight are refused at once with 429.
     max_inflight_requests: int = 512
     # Request limits (413 past them). Tokens past max_tokens_per_text are truncated or rejected.
@@ -91,6 +94,7 @@ class Settings:
                     "max_chars_per_text", "max_tokens_per_text"):  # fmt: skip
             need(getattr(self, key) > 0, key, "must be positive")
         need(self.max_wait_ms >= 0, "max_wait_ms", "must be >= 0")
+        need(self.batch_run_overhead_tokens >= 0, "batch_run_overhead_tokens", "must be >= 0 (0 = measure)")
         need(self.intra_op_threads >= 0, "intra_op_threads", "must be >= 0 (0 = auto)")
         need(self.run_workers >= 0, "run_workers", "must be >= 0 (0 = auto)")
         need(self.drain_grace_s >= 0 and self.drain_timeout_s > 0, "drain_timeout_s", "must be positive")

@@ -284,13 +284,23 @@ def load_and_warm(uri: str, settings: Settings, s3_client=None):
         trt_cache_dir=settings.trt_cache_dir,
     )
     clf.warmup(settings.warmup_rounds, settings.max_batch_size)
+    if settings.batch_run_overhead_tokens:
+        clf.run_overhead_tokens, clf.run_overhead_source = settings.batch_run_overhead_tokens, "configured"
+    else:
+        fixed_s, per_token_s = clf.run_cost()
+        clf.run_overhead_tokens = min(1e6, fixed_s / per_token_s)
+        clf.run_overhead_source = (
+            f"measured: {fixed_s * 1e3:.2f} ms per run + {per_token_s * 1e6:.1f} us per token"
+        )
     log.info(
-        "model %s/%s ready in %.1fs: variant=%s provider=%s",
+        "model %s/%s ready in %.1fs: variant=%s provider=%s, run overhead %.1f tokens (%s)",
         clf.name,
         clf.version,
         time.perf_counter() - t0,
         clf.variant,
         clf.providers_in_use[0],
+        clf.run_overhead_tokens,
+        clf.run_overhead_source,
     )
     return clf
 
@@ -513,6 +523,8 @@ def create_app(settings: Settings, *, s3_client=None) -> Starlette:
                     "max_batch_size": settings.max_batch_size,
                     "max_batch_tokens": s.batcher.max_batch_tokens,
                     "max_wait_ms": settings.max_wait_ms,
+                    "run_overhead_tokens": round(s.model.run_overhead_tokens, 2),
+                    "run_overhead_source": s.model.run_overhead_source,
                 },
             }
         )

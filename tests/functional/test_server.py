@@ -107,6 +107,7 @@ def strict(artifact):
         "NLPFLEET_TOKEN_OVERFLOW": "reject",
         "NLPFLEET_MAX_INFLIGHT_REQUESTS": "2",
         "NLPFLEET_MAX_TEXTS_PER_REQUEST": "64",
+        "NLPFLEET_BATCH_RUN_OVERHEAD_TOKENS": "20",
     }
     with running_server(env) as s:
         yield s
@@ -172,6 +173,9 @@ def test_health_readiness_model_and_openapi(server):
     # The server's limit never exceeds what the model was exported for.
     assert info["limits"]["max_tokens_per_text"] == min(48, info["manifest"]["max_seq_len"])
     assert info["limits"]["token_overflow"] == "truncate"
+    # The batcher weighs a run's fixed cost against padding with what it measured on this model.
+    b = info["batching"]
+    assert b["run_overhead_tokens"] > 0 and b["run_overhead_source"].startswith("measured: "), b
     spec = httpx.get(base + "/openapi.json").json()
     assert spec["openapi"].startswith("3.") and "/v1/classify" in spec["paths"]
     assert {"400", "413", "422", "429", "500", "503"} <= set(
@@ -256,6 +260,8 @@ def test_long_texts_are_rejected_when_configured(strict):
     assert r.status_code == 413 and r.json()["error"]["kind"] == "too_large"
     assert "[1]" in r.json()["error"]["message"]
     assert httpx.post(base + "/v1/classify", json={"inputs": ["ok"]}).status_code == 200
+    b = httpx.get(base + "/v1/model").json()["batching"]
+    assert (b["run_overhead_tokens"], b["run_overhead_source"]) == (20, "configured")
 
 
 def test_overload_is_refused_at_once_with_429(strict, dev_texts):

@@ -1,6 +1,7 @@
 """The batching core: which texts go together, and what every request gets back."""
 
 import asyncio
+import itertools
 import os
 from dataclasses import dataclass
 
@@ -21,9 +22,9 @@ def cost(lengths, batch):
 
 
 @settings(max_examples=300, deadline=None)
-@given(lengths_st, budget_st, size_st)
-def test_batch_holds_the_oldest_and_respects_both_bounds(lengths, budget, size):
-    batch = take_batch(lengths, max_batch_tokens=budget, max_batch_size=size)
+@given(lengths_st, budget_st, size_st, st.floats(min_value=0, max_value=1e9))
+def test_batch_holds_the_oldest_and_respects_both_bounds(lengths, budget, size, overhead):
+    batch = take_batch(lengths, max_batch_tokens=budget, max_batch_size=size, run_overhead_tokens=overhead)
     if not lengths:
         assert batch == []
         return
@@ -33,24 +34,63 @@ def test_batch_holds_the_oldest_and_respects_both_bounds(lengths, budget, size):
     assert cost(lengths, batch) <= budget
 
 
+def per_token(lengths, batch, overhead):
+    return (overhead + cost(lengths, batch)) / sum(lengths[i] for i in batch)
+
+
+overhead_st = st.floats(min_value=0, max_value=200)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.integers(min_value=1, max_value=64), min_size=1, max_size=9),
+    st.integers(min_value=64, max_value=400),
+    st.integers(min_value=1, max_value=9),
+    overhead_st,
+)
+def test_batch_is_the_cheapest_per_token_of_all_that_hold_the_oldest(lengths, budget, size, overhead):
+    """Exhaustive over every subset of a small queue: no batch holding the oldest text, within
+    both bounds, costs less per real token than the chosen one (a run = overhead + padded tokens)."""
+    batch = take_batch(lengths, max_batch_tokens=budget, max_batch_size=size, run_overhead_tokens=overhead)
+    best = per_token(lengths, batch, overhead)
+    rest = range(1, len(lengths))
+    for k in range(0, min(size, len(lengths))):
+        for combo in itertools.combinations(rest, k):
+            other = [0, *combo]
+            if cost(lengths, other) <= budget:
+                assert best <= per_token(lengths, other, overhead) + 1e-9, (other, batch)
+
+
 @settings(max_examples=300, deadline=None)
 @given(lengths_st, budget_st, size_st)
-def test_batch_is_maximal(lengths, budget, size):
-    """No text left in the queue could have joined without breaking a bound."""
-    batch = take_batch(lengths, max_batch_tokens=budget, max_batch_size=size)
+def test_with_a_dear_run_the_batch_is_maximal(lengths, budget, size):
+    """When a run's fixed cost dwarfs its tokens (a GPU), no text left in the queue could have
+    joined without breaking a bound."""
+    batch = take_batch(lengths, max_batch_tokens=budget, max_batch_size=size, run_overhead_tokens=1e9)
     if len(batch) == size:
         return
     for i in set(range(len(lengths))) - set(batch):
         assert cost(lengths, [*batch, i]) > budget
 
 
+def test_a_text_that_would_be_padded_far_waits_for_company_of_its_length():
+    # The oldest is a 12-token question; a 60-token one would pad all of them to 60.
+    assert take_batch([12, 60, 13, 11, 12], max_batch_tokens=1024, max_batch_size=8) == [0, 2, 3, 4]
+    # Alone, the 60-token text goes on its own rather than make five short ones cost 60 each.
+    assert take_batch([60, 12, 13, 11, 12], max_batch_tokens=1024, max_batch_size=8) == [0]
+    # A run's fixed cost is worth sharing: a lone short text takes a slightly longer companion.
+    assert take_batch([10, 12], max_batch_tokens=1024, max_batch_size=8) == [0, 1]
+
+
 @settings(max_examples=200, deadline=None)
-@given(lengths_st, budget_st, size_st)
-def test_draining_a_queue_puts_every_text_in_exactly_one_batch(lengths, budget, size):
+@given(lengths_st, budget_st, size_st, overhead_st)
+def test_draining_a_queue_puts_every_text_in_exactly_one_batch(lengths, budget, size, overhead):
     queue = list(enumerate(lengths))  # (text id, length), oldest first
     seen = []
     while queue:
-        batch = take_batch([n for _, n in queue], max_batch_tokens=budget, max_batch_size=size)
+        batch = take_batch(
+            [n for _, n in queue], max_batch_tokens=budget, max_batch_size=size, run_overhead_tokens=overhead
+        )
         seen += [queue[i][0] for i in batch]
         queue = [q for i, q in enumerate(queue) if i not in set(batch)]
     assert sorted(seen) == list(range(len(lengths)))
