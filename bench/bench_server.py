@@ -531,8 +531,8 @@ def paired_rounds(
     absolute numbers move. CPU time per text is recorded too (whole server process, all threads)."""
     cfg = server_model["batching"]
     keys = ("raw_sorted", "raw_arrival", "raw_plain", "raw_int8_unpublished", "batcher", "naive", "server",
-            "server_c256", "raw_sorted_cpu_ms", "batcher_cpu_ms", "naive_cpu_ms", "server_cpu_ms",
-            "server_c256_cpu_ms")  # fmt: skip
+            "server_c128", "server_c256", "raw_sorted_cpu_ms", "batcher_cpu_ms", "naive_cpu_ms", "server_cpu_ms",
+            "server_c128_cpu_ms", "server_c256_cpu_ms")  # fmt: skip
     per: dict[str, list[float]] = {k: [] for k in keys}
     batch_sizes: list[int] = []
 
@@ -574,8 +574,9 @@ def paired_rounds(
         http_round("server", 64)
         # A deeper queue: the batcher groups texts by length within what is waiting, so its
         # batches pad less and run fuller the more requests are in flight (saturation).
+        http_round("server", 128, key="server_c128")
         http_round("server", 256, key="server_c256")
-        print(f"  round {i + 1}: raw {per['raw_sorted'][-1]:.0f} texts/s (sorted, batches of {batch_sizes[-1]}, {per['raw_sorted_cpu_ms'][-1]:.2f} CPU ms/text), raw arrival {per['raw_arrival'][-1]:.0f}, raw plain {per['raw_plain'][-1]:.0f}, batcher {per['batcher'][-1]:.0f} ({per['batcher_cpu_ms'][-1]:.2f}), naive {per['naive'][-1]:.0f} req/s ({per['naive_cpu_ms'][-1]:.2f}), server c=64 {per['server'][-1]:.0f} req/s ({per['server_cpu_ms'][-1]:.2f}), c=256 {per['server_c256'][-1]:.0f} ({per['server_c256_cpu_ms'][-1]:.2f}), load {os.getloadavg()[0]:.1f}", flush=True)  # fmt: skip
+        print(f"  round {i + 1}: raw {per['raw_sorted'][-1]:.0f} texts/s (sorted, batches of {batch_sizes[-1]}, {per['raw_sorted_cpu_ms'][-1]:.2f} CPU ms/text), raw arrival {per['raw_arrival'][-1]:.0f}, raw plain {per['raw_plain'][-1]:.0f}, batcher {per['batcher'][-1]:.0f} ({per['batcher_cpu_ms'][-1]:.2f}), naive {per['naive'][-1]:.0f} req/s ({per['naive_cpu_ms'][-1]:.2f}), server c=64 {per['server'][-1]:.0f} req/s ({per['server_cpu_ms'][-1]:.2f}), c=128 {per['server_c128'][-1]:.0f} ({per['server_c128_cpu_ms'][-1]:.2f}), c=256 {per['server_c256'][-1]:.0f} ({per['server_c256_cpu_ms'][-1]:.2f}), load {os.getloadavg()[0]:.1f}", flush=True)  # fmt: skip
     med = {k: statistics.median(v) for k, v in per.items() if v}
     return {"rounds": per, "median": med, "raw_best_batch_size": batch_sizes}
 
@@ -662,7 +663,12 @@ def main(argv: list[str] | None = None) -> int:
     results["ratios"] = {
         "server_vs_naive_throughput": med["server"] / med["naive"],
         "server_vs_raw_sorted": med["server"] / med["raw_sorted"],
+        "server_c128_vs_raw_sorted": med["server_c128"] / med["raw_sorted"],
         "server_c256_vs_raw_sorted": med["server_c256"] / med["raw_sorted"],
+        # The server's throughput is its best over the concurrencies tried, as the raw bound is
+        # the best over the batch sizes tried.
+        "server_best_vs_raw_sorted": max(med[k] for k in ("server", "server_c128", "server_c256"))
+        / med["raw_sorted"],
         "server_vs_raw_arrival": med["server"] / med["raw_arrival"],
         "server_vs_raw_plain": med["server"] / med["raw_plain"],
         "batcher_vs_raw_sorted": med["batcher"] / med["raw_sorted"],
@@ -705,6 +711,7 @@ def print_tables(r: dict) -> None:
         print(f"| raw session, int8 file the parity gate did not publish, sorted batches (not servable) | {med['raw_int8_unpublished']:.0f} texts/s | - |")  # fmt: skip
     print(f"| the server's batcher in-process (64 clients, one text each), no HTTP | {med['batcher']:.0f} texts/s | - |")  # fmt: skip
     print(f"| this server (wrk c=64 on the same CPUs) | {med['server']:.0f} req/s | {server['sustained_rate_p99_100ms']} req/s |")  # fmt: skip
+    print(f"| this server (wrk c=128) | {med['server_c128']:.0f} req/s | - |")  # fmt: skip
     print(f"| this server (wrk c=256: saturated, deep queue) | {med['server_c256']:.0f} req/s | - |")  # fmt: skip
     print(f"\nCPU time per text (medians; server and naive: their whole process incl. HTTP, excluding the load generator): raw sorted {med['raw_sorted_cpu_ms']:.2f} ms, batcher in-process {med['batcher_cpu_ms']:.2f} ms, server {med['server_cpu_ms']:.2f} ms, naive {med['naive_cpu_ms']:.2f} ms")  # fmt: skip
     print("\n## Latency at fixed Poisson arrival rates (open loop)\n")
@@ -725,7 +732,7 @@ def print_tables(r: dict) -> None:
     sus = ratios["server_vs_naive_sustained_p99_100ms"]
     print("\n## Against the goals\n")
     print(f"- server / naive throughput: {ratios['server_vs_naive_throughput']:.1f}x (goal >= 4x); at p99 <= 100 ms: " + (f"{sus:.1f}x" if sus else "naive never met p99 <= 100 ms"))  # fmt: skip
-    print(f"- server / raw session run as the server runs it, sorted batches: {ratios['server_vs_raw_sorted']:.0%} at c=64, {ratios['server_c256_vs_raw_sorted']:.0%} at c=256 (goal >= 85%); arrival-order batches: {ratios['server_vs_raw_arrival']:.0%}; the session run plainly: {ratios['server_vs_raw_plain']:.0%}")  # fmt: skip
+    print(f"- server / raw session run as the server runs it, sorted batches: {ratios['server_best_vs_raw_sorted']:.0%} at the server's best concurrency (goal >= 85%): {ratios['server_vs_raw_sorted']:.0%} at c=64, {ratios['server_c128_vs_raw_sorted']:.0%} at c=128, {ratios['server_c256_vs_raw_sorted']:.0%} at c=256; arrival-order batches: {ratios['server_vs_raw_arrival']:.0%}; the session run plainly: {ratios['server_vs_raw_plain']:.0%}")  # fmt: skip
     print(
         f"- the batcher alone (no HTTP) / raw session, sorted batches: {ratios['batcher_vs_raw_sorted']:.0%}"
     )

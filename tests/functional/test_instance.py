@@ -14,15 +14,21 @@ from test_api import BUCKET, REGION, aws, client, post  # noqa: F401
 from nlpfleet import instance
 
 
+@pytest.fixture
+def scratch(tmp_path, monkeypatch):
+    """The instance's scratch directory (NLPFLEET_SCRATCH): a job must leave it empty."""
+    d = tmp_path / "scratch"
+    d.mkdir()
+    monkeypatch.setenv("NLPFLEET_SCRATCH", str(d))
+    return d
+
+
 def _user_data(aws, instance_id):
     ud = aws["ec2"].describe_instance_attribute(InstanceId=instance_id, Attribute="userData")
     return json.loads(base64.b64decode(ud["UserData"]["Value"]))
 
 
-def test_preprocess_job_runs_end_to_end_from_its_user_data(aws, client, data_dir, tmp_path, monkeypatch):  # noqa: F811
-    scratch = tmp_path / "scratch"
-    scratch.mkdir()
-    monkeypatch.setenv("NLPFLEET_SCRATCH", str(scratch))
+def test_preprocess_job_runs_end_to_end_from_its_user_data(aws, client, data_dir, tmp_path, scratch):  # noqa: F811
     rows = list(csv.DictReader((data_dir / "banking77" / "train.csv").open()))[:600]
     rows[5]["text"] = "   "  # an invalid row: dropped and counted
     buf = ["text,category"] + [f'"{r["text"].replace(chr(34), "")}",{r["category"]}' for r in rows]
@@ -102,11 +108,8 @@ def test_bad_user_data_is_refused(tmp_path):
 
 
 def test_batch_infer_classifies_every_text_and_writes_next_to_the_input(
-    aws, client, trained_artifact, tmp_path, monkeypatch
+    aws, client, trained_artifact, tmp_path, scratch
 ):  # noqa: F811
-    scratch = tmp_path / "scratch"
-    scratch.mkdir()
-    monkeypatch.setenv("NLPFLEET_SCRATCH", str(scratch))
     from inference.artifact import publish_artifact
 
     s3 = aws["s3"]
@@ -143,12 +146,7 @@ def test_batch_infer_classifies_every_text_and_writes_next_to_the_input(
 
 
 @pytest.mark.slow
-def test_finetune_runs_the_training_worker_and_publishes_a_model(
-    aws, client, data_dir, tmp_path, monkeypatch
-):  # noqa: F811
-    scratch = tmp_path / "scratch"
-    scratch.mkdir()
-    monkeypatch.setenv("NLPFLEET_SCRATCH", str(scratch))
+def test_finetune_runs_the_training_worker_and_publishes_a_model(aws, client, data_dir, tmp_path, scratch):  # noqa: F811
     rows = [
         r
         for r in csv.DictReader((data_dir / "banking77" / "train.csv").open())
