@@ -1,10 +1,11 @@
 """Dynamic batching: a pure "take the next batch" decision and the pipeline around it.
 
 ``take_batch`` chooses, from the queue of tokenized texts, the next batch: it always holds the
-oldest text (nothing starves), then grows by the neighbour *in length order* that adds the least
-padding, while the padded cost (longest sequence x count) stays within ``max_batch_tokens`` and
-the count within ``max_batch_size``. Grouping by length is what keeps CPU batching worth it:
-a 60-token text padded into a batch of 12-token texts multiplies that batch's cost by five.
+oldest text (nothing starves) and the companions that make the batch cheapest per real token,
+where a run costs a fixed part (measured on the model) plus its padded tokens (longest sequence x
+count, at most ``max_batch_tokens``; at most ``max_batch_size`` texts). Grouping by length is
+what keeps CPU batching worth it: a 60-token text padded into a batch of 12-token texts
+multiplies that batch's cost by five.
 
 ``Batcher`` is the pipeline one server process runs:
 
