@@ -200,7 +200,8 @@ class Batcher:
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens
         self.max_wait_ms = max_wait_ms
-        # A model run's fixed cost in tokens (see take_batch); the server sets it per model.
+        # A model run's fixed cost in tokens (see take_batch), for models that do not carry their
+        # own ``run_overhead_tokens`` (the server's models do: measured at warm-up or configured).
         self.run_overhead_tokens = run_overhead_tokens
         self.token_overflow = token_overflow
         self.metrics = metrics
