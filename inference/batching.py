@@ -192,7 +192,6 @@ class Batcher:
         max_wait_ms: float,
         token_overflow: str = "truncate",
         run_workers: int = 1,
-        run_overhead_tokens: float = DEFAULT_RUN_OVERHEAD_TOKENS,
         pin_cpus: Sequence[int] = (),
         metrics: BatchMetrics | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -200,9 +199,6 @@ class Batcher:
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens
         self.max_wait_ms = max_wait_ms
-        # A model run's fixed cost in tokens (see take_batch), for models that do not carry their
-        # own ``run_overhead_tokens`` (the server's models do: measured at warm-up or configured).
-        self.run_overhead_tokens = run_overhead_tokens
         self.token_overflow = token_overflow
         self.metrics = metrics
         self.clock = clock
@@ -325,7 +321,10 @@ class Batcher:
                         lengths,
                         max_batch_tokens=self.max_batch_tokens,
                         max_batch_size=self.max_batch_size,
-                        run_overhead_tokens=getattr(model, "run_overhead_tokens", self.run_overhead_tokens),
+                        # The model's own (measured at warm-up or configured), else the default.
+                        run_overhead_tokens=getattr(
+                            model, "run_overhead_tokens", DEFAULT_RUN_OVERHEAD_TOKENS
+                        ),
                     )
                     age_ms = (self.clock() - self._ready[0].arrival) * 1000.0
                     full = len(chosen) >= self.max_batch_size or len(chosen) < len(lengths)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -236,7 +237,7 @@ class Classifier:
                 self.predict_padded(feeds, [1] * b)
                 samples.append(time.perf_counter() - t0)
             times[(b, s)] = min(samples)
-        tokens = {k: self.padded_shape(*k)[0] * self.padded_shape(*k)[1] for k in times}
+        tokens = {k: math.prod(self.padded_shape(*k)) for k in times}
         per = max(1e-9, (times[big] - times[small]) / max(1, tokens[big] - tokens[small]))
         fixed = max(0.0, times[small] - per * tokens[small])
         return fixed, per

@@ -18,6 +18,7 @@ Exit status: 0 success, 1 job failed, 2 bad user data, 3 interrupted.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -30,7 +31,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -166,13 +167,30 @@ def _s3(data: dict):
     return boto3.client("s3", **kw)
 
 
+@contextlib.contextmanager
+def scratch_dir(prefix: str) -> Iterator[Path]:
+    """A job's working directory on the instance's scratch disk (``NLPFLEET_SCRATCH``), removed
+    when the job ends however it ends: what it produced is in S3 by then, and the local copies
+    (hundreds of MB for a fine-tune) would pile up on a long-lived machine such as the demo's."""
+    work = Path(tempfile.mkdtemp(prefix=prefix, dir=os.environ.get("NLPFLEET_SCRATCH")))
+    try:
+        yield work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def run_finetune(data: dict, report: Reporter, s3) -> tuple[str, dict]:
+    with scratch_dir("nlpfleet-train-") as work:
+        return _finetune(data, report, s3, work)
+
+
+def _finetune(data: dict, report: Reporter, s3, work: Path) -> tuple[str, dict]:
     from chalicelib.jobs import parse_s3_uri
     from training.config import TrainConfig
+    from training.pipeline import ExportSpec, train_and_export
 
     spec, launch = data["spec"], data.get("launch") or {}
     precision = {"fp32": "no", "fp16": "auto", "bf16": "bf16"}.get(spec.get("precision") or "fp16", "auto")
-    work = Path(tempfile.mkdtemp(prefix="nlpfleet-train-", dir=os.environ.get("NLPFLEET_SCRATCH")))
     micro = int(launch.get("micro_batch_per_gpu") or spec.get("batch_size") or 32)
     config = TrainConfig.from_dict(
         {
@@ -197,19 +215,8 @@ def run_finetune(data: dict, report: Reporter, s3) -> tuple[str, dict]:
     )
     _, prefix = parse_s3_uri(spec["output_uri"])
     version = prefix.rstrip("/").split("/")[-1]
-    try:
-        if int(launch.get("processes") or 1) > 1:
-            return _torchrun(data, config, spec, version, report)
-        return _finetune_here(config, spec, version, report, s3)
-    finally:
-        # Checkpoints and the artifact are in S3 by now; the local copies (hundreds of MB per job)
-        # would otherwise pile up on a long-lived machine such as the local demo's.
-        shutil.rmtree(work, ignore_errors=True)
-
-
-def _finetune_here(config, spec: dict, version: str, report: Reporter, s3) -> tuple[str, dict]:
-    from training.pipeline import ExportSpec, train_and_export
-
+    if int(launch.get("processes") or 1) > 1:
+        return _torchrun(data, config, spec, version, report)
     out = train_and_export(
         config,
         ExportSpec(name=spec["model_name"], version=version, publish_uri=spec["output_uri"]),
@@ -263,50 +270,47 @@ def _torchrun(data: dict, config, spec: dict, version: str, report: Reporter) ->
 
 
 def run_batch_infer(data: dict, report: Reporter, s3) -> tuple[str, dict]:
+    with scratch_dir("nlpfleet-infer-") as work:
+        return _batch_infer(data, report, s3, work)
+
+
+def _batch_infer(data: dict, report: Reporter, s3, work: Path) -> tuple[str, dict]:
     from chalicelib.jobs import parse_s3_uri
     from inference.artifact import fetch_artifact
     from inference.runtime import load_classifier
     from nlpfleet.jobs_preprocess import _rows, normalise
 
     spec = data["spec"]
-    work = Path(tempfile.mkdtemp(prefix="nlpfleet-infer-", dir=os.environ.get("NLPFLEET_SCRATCH")))
-    try:
-        model_dir = fetch_artifact(spec["model_uri"], work / "model", s3)
-        clf = load_classifier(model_dir)
-        bucket, key = parse_s3_uri(spec["input_uri"])
-        src = work / Path(key).name
-        s3.download_file(bucket, key, str(src))
-        out_path = work / "predictions.jsonl"
-        batch_size = int(spec.get("batch_size") or 64)
-        n = 0
-        texts: list[tuple[int, str]] = []
+    model_dir = fetch_artifact(spec["model_uri"], work / "model", s3)
+    clf = load_classifier(model_dir)
+    bucket, key = parse_s3_uri(spec["input_uri"])
+    src = work / Path(key).name
+    s3.download_file(bucket, key, str(src))
+    out_path = work / "predictions.jsonl"
+    batch_size = int(spec.get("batch_size") or 64)
+    n = 0
+    texts: list[tuple[int, str]] = []
 
-        def flush(f) -> None:
-            nonlocal n
-            preds = clf.classify([t for _, t in texts])
-            for (line, text), p in zip(texts, preds, strict=True):
-                f.write(
-                    json.dumps({"line": line, "text": text, "label": p["label"], "score": p["score"]}) + "\n"
-                )
-            n += len(texts)
-            texts.clear()
-            report({"event": "heartbeat", "classified": n})
+    def flush(f) -> None:
+        nonlocal n
+        preds = clf.classify([t for _, t in texts])
+        for (line, text), p in zip(texts, preds, strict=True):
+            f.write(json.dumps({"line": line, "text": text, "label": p["label"], "score": p["score"]}) + "\n")
+        n += len(texts)
+        texts.clear()
+        report({"event": "heartbeat", "classified": n})
 
-        with out_path.open("w", encoding="utf-8") as f:
-            for line, text, _ in _rows(
-                src, spec.get("text_field") or "text", spec.get("label_field") or "label"
-            ):
-                if isinstance(text, str) and normalise(text):
-                    texts.append((line, normalise(text)))
-                if len(texts) >= batch_size:
-                    flush(f)
-            if texts:
+    with out_path.open("w", encoding="utf-8") as f:
+        for line, text, _ in _rows(src, spec.get("text_field") or "text", spec.get("label_field") or "label"):
+            if isinstance(text, str) and normalise(text):
+                texts.append((line, normalise(text)))
+            if len(texts) >= batch_size:
                 flush(f)
-        ob, ok = parse_s3_uri(spec["output_uri"])
-        s3.upload_file(str(out_path), ob, ok)
-        return "completed", {"output_uri": spec["output_uri"], "classified": n}
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if texts:
+            flush(f)
+    ob, ok = parse_s3_uri(spec["output_uri"])
+    s3.upload_file(str(out_path), ob, ok)
+    return "completed", {"output_uri": spec["output_uri"], "classified": n}
 
 
 def run_preprocess(data: dict, report: Reporter, s3) -> tuple[str, dict]:

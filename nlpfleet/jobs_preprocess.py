@@ -17,8 +17,6 @@ import io
 import json
 import os
 import re
-import shutil
-import tempfile
 import time
 import unicodedata
 from collections.abc import Callable, Iterator
@@ -247,10 +245,10 @@ def run(spec: dict, progress: Callable[[dict], None] | None, s3_client) -> dict:
     """The job on an instance: fetch the corpus, preprocess on local scratch, upload the shards
     (``_index.json`` last) to ``spec["output_uri"]``."""
     from chalicelib.jobs import parse_s3_uri
+    from nlpfleet.instance import scratch_dir
 
-    scratch = Path(tempfile.mkdtemp(prefix="nlpfleet-preprocess-", dir=os.environ.get("NLPFLEET_SCRATCH")))
     out = spec["output_uri"]
-    try:
+    with scratch_dir("nlpfleet-preprocess-") as scratch:
         src_uri = spec["input_uri"]
         if src_uri.startswith("s3://"):
             bucket, key = parse_s3_uri(src_uri)
@@ -265,8 +263,6 @@ def run(spec: dict, progress: Callable[[dict], None] | None, s3_client) -> dict:
             for shard in index["shards"]:
                 s3_client.upload_file(str(out_dir / shard["name"]), bucket, prefix + shard["name"])
             s3_client.upload_file(str(out_dir / "_index.json"), bucket, prefix + "_index.json")
-    finally:  # the corpus copy and the shards are uploaded (or the job failed): free the disk
-        shutil.rmtree(scratch, ignore_errors=True)
     return {
         "output_uri": out,
         "examples": index["examples"],
