@@ -147,6 +147,7 @@ def raw_session(
     workers: int,
     seconds: float,
     pin_cpus: tuple[int, ...] = (),
+    max_tokens_per_text: int = 128,
 ) -> dict:
     """Texts/s of one ONNX Runtime session of ``variant`` on pre-tokenized, pre-formed batches,
     run by ``workers`` threads side by side (as the server's runners do), each run on
@@ -158,7 +159,7 @@ def raw_session(
     from inference.runtime import load_classifier
 
     clf = load_classifier(
-        artifact, variant=variant, intra_op_threads=intra_op_threads, max_tokens_per_text=128
+        artifact, variant=variant, intra_op_threads=intra_op_threads, max_tokens_per_text=max_tokens_per_text
     )
     clf.warmup(2, max(batch_sizes))
     encs = [e.ids for e in clf.encode(texts)]
@@ -329,6 +330,7 @@ def _ms(value: str) -> float:
 
 
 def run_wrk(url: str, script: Path, connections: int, seconds: float) -> dict:
+    before = os.times()
     out = subprocess.run(
         ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--timeout", "10s", "--latency", "-s", str(script), url],
         capture_output=True, text=True, check=True,
@@ -338,7 +340,11 @@ def run_wrk(url: str, script: Path, connections: int, seconds: float) -> dict:
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     errors = (int(non2xx.group(1)) if non2xx else 0) + (sum(map(int, sock.groups())) if sock else 0)
+    after = os.times()
+    wrk_cpu_s = sum(after[2:4]) - sum(before[2:4])  # children's user + system
     return {
+        # The load generator shares the CPU with what it measures (the raw session does not).
+        "wrk_cpu_s": wrk_cpu_s,
         "concurrency": connections,
         "rps": rps,
         "p50_ms": _ms(lat["50"]),
@@ -448,6 +454,16 @@ def proc_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def model_cpu_s(port: int) -> float | None:
+    """The server's ``nlpfleet_model_cpu_seconds_total``: CPU time of its model runs (None for
+    the naive server, which has no metrics)."""
+    import httpx
+
+    r = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5)
+    m = re.search(r"^nlpfleet_model_cpu_seconds_total (\S+)", r.text, re.M) if r.status_code == 200 else None
+    return float(m.group(1)) if m else None
+
+
 def wait_idle(port: int, timeout_s: float = 60) -> None:
     """Wait until the server has answered everything a finished run left in flight (wrk stops
     sending but the server still owes the queued requests): the next measurement starts clean."""
@@ -532,19 +548,23 @@ def paired_rounds(
     cfg = server_model["batching"]
     keys = ("raw_sorted", "raw_arrival", "raw_plain", "raw_int8_unpublished", "batcher", "naive", "server",
             "server_c128", "server_c256", "raw_sorted_cpu_ms", "batcher_cpu_ms", "naive_cpu_ms", "server_cpu_ms",
-            "server_c128_cpu_ms", "server_c256_cpu_ms")  # fmt: skip
+            "server_c128_cpu_ms", "server_c256_cpu_ms", "server_model_cpu_ms", "server_c128_model_cpu_ms",
+            "server_c256_model_cpu_ms", "server_wrk_cpu_ms", "server_c128_wrk_cpu_ms", "server_c256_wrk_cpu_ms")  # fmt: skip
     per: dict[str, list[float]] = {k: [] for k in keys}
     batch_sizes: list[int] = []
 
     def http_round(name: str, concurrency: int, key: str = "") -> None:
         key = key or name
         wait_idle(ports[name])
-        c0 = proc_cpu_s(pids[name])
+        c0, m0 = proc_cpu_s(pids[name]), model_cpu_s(ports[name])
         r = run_wrk(f"http://127.0.0.1:{ports[name]}/v1/classify", script, concurrency, secs)
         wait_idle(ports[name])  # the CPU spent on requests still in flight when wrk stopped counts too
-        done = r["rps"] * max(1, round(secs))
+        done = max(1.0, r["rps"] * max(1, round(secs)))
         per[key].append(r["rps"])
-        per[key + "_cpu_ms"].append((proc_cpu_s(pids[name]) - c0) * 1000 / max(1.0, done))
+        per[key + "_cpu_ms"].append((proc_cpu_s(pids[name]) - c0) * 1000 / done)
+        if m0 is not None:  # the server: its CPU split into model runs and the rest, and wrk's
+            per[key + "_model_cpu_ms"].append((model_cpu_s(ports[name]) - m0) * 1000 / done)
+            per[key + "_wrk_cpu_ms"].append(r["wrk_cpu_s"] * 1000 / done)
 
     for i in range(rounds):
         # The session run as the server runs it: same variant, threads and concurrent runs.
@@ -552,6 +572,8 @@ def paired_rounds(
             artifact, texts, variant=server_model["variant"], batch_sizes=(8, 16, 32),
             intra_op_threads=cfg["intra_op_threads"], workers=cfg["run_workers"], seconds=secs,
             pin_cpus=tuple(cfg.get("pinned_cpus") or ()),
+            # The server's limit (it truncates longer texts): the same tokens on both sides.
+            max_tokens_per_text=server_model["limits"]["max_tokens_per_text"],
         )  # fmt: skip
         per["raw_sorted"].append(raw["sorted"])
         per["raw_sorted_cpu_ms"].append(raw["sorted_cpu_ms_per_text"])
@@ -560,7 +582,7 @@ def paired_rounds(
         # For reference: the session as one usually first runs it (one loop, ORT's threads).
         plain = raw_session(
             artifact, texts, variant=server_model["variant"], batch_sizes=(32,), intra_op_threads=0,
-            workers=1, seconds=secs / 2,
+            workers=1, seconds=secs / 2, max_tokens_per_text=server_model["limits"]["max_tokens_per_text"],
         )  # fmt: skip
         per["raw_plain"].append(plain["sorted"])
         int8 = raw_unpublished_int8(artifact, texts, seconds=secs / 2)
@@ -675,6 +697,11 @@ def main(argv: list[str] | None = None) -> int:
         # CPU time per text: less sensitive to the other work sharing the CPU than wall time.
         "raw_cpu_vs_server_cpu_per_text": med["raw_sorted_cpu_ms"] / med["server_cpu_ms"],
         "naive_cpu_vs_server_cpu_per_text": med["naive_cpu_ms"] / med["server_cpu_ms"],
+        # Where the server's CPU goes, per request (medians): its model runs against the raw
+        # session's per text, and the serving around them (HTTP, JSON, tokenizer, batching) with
+        # the load generator's share of the same CPUs. With model runs as cheap as the raw
+        # session's, the server could reach at most raw / (raw + serving + wrk) of it.
+        **_cpu_split(med),
         "server_vs_naive_sustained_p99_100ms": (
             server["sustained_rps_p99_100ms"] / naive["sustained_rps_p99_100ms"]
             if naive["sustained_rps_p99_100ms"]
@@ -683,10 +710,27 @@ def main(argv: list[str] | None = None) -> int:
     }
     results["load_average_at_end"] = os.getloadavg()
     results["wall_s"] = time.perf_counter() - t_all
-    print_tables(results)
-    if args.out:
+    if args.out:  # first: the measurements outlive a failure in printing them
         Path(args.out).write_text(json.dumps(results, indent=2))
+    print_tables(results)
     return 0
+
+
+def _cpu_split(med: dict) -> dict:
+    out = {}
+    for key in ("server", "server_c128", "server_c256"):
+        if key + "_model_cpu_ms" not in med:
+            continue
+        model, total, wrk = med[key + "_model_cpu_ms"], med[key + "_cpu_ms"], med[key + "_wrk_cpu_ms"]
+        serving = max(0.0, total - model)
+        out[key] = {
+            "model_cpu_ms_per_request": model,
+            "serving_cpu_ms_per_request": serving,
+            "wrk_cpu_ms_per_request": wrk,
+            "model_runs_vs_raw_cpu_per_text": model / med["raw_sorted_cpu_ms"],
+            "ceiling_vs_raw_sorted": med["raw_sorted_cpu_ms"] / (med["raw_sorted_cpu_ms"] + serving + wrk),
+        }
+    return {"cpu_split": out}
 
 
 def print_tables(r: dict) -> None:
@@ -737,6 +781,15 @@ def print_tables(r: dict) -> None:
         f"- the batcher alone (no HTTP) / raw session, sorted batches: {ratios['batcher_vs_raw_sorted']:.0%}"
     )
     print(f"- CPU efficiency, raw CPU ms per text / server CPU ms per text: {ratios['raw_cpu_vs_server_cpu_per_text']:.0%}; naive / server: {ratios['naive_cpu_vs_server_cpu_per_text']:.1f}x")  # fmt: skip
+    split = ratios.get("cpu_split") or {}
+    if split:
+        print(f"\n## Where the server's CPU goes, per request (medians; raw session: {med['raw_sorted_cpu_ms']:.2f} ms per text)\n")  # fmt: skip
+        print("| concurrency | model runs (ms) | model runs / raw session | serving: HTTP, JSON, tokenizer, batching (ms) | wrk (ms) | ceiling: raw / (raw + serving + wrk) |")  # fmt: skip
+        print("| --- | --- | --- | --- | --- | --- |")
+        for key, c in (("server", 64), ("server_c128", 128), ("server_c256", 256)):
+            if key in split:
+                x = split[key]
+                print(f"| {c} | {x['model_cpu_ms_per_request']:.2f} | {x['model_runs_vs_raw_cpu_per_text']:.2f} | {x['serving_cpu_ms_per_request']:.2f} | {x['wrk_cpu_ms_per_request']:.3f} | {x['ceiling_vs_raw_sorted']:.0%} |")  # fmt: skip
     print(f"\nwhole benchmark: {r['wall_s']:.0f} s")
 
 

@@ -153,7 +153,9 @@ class Model(Protocol):
 
 
 class BatchMetrics(Protocol):
-    def observe_batch(self, size: int, padded_tokens: int, run_s: float) -> None: ...
+    # run_s: wall time of the batch's model call (pad, run, scores); cpu_s: its runner thread's
+    # CPU time, which leaves out the time the thread waited for a core or the GIL.
+    def observe_batch(self, size: int, padded_tokens: int, run_s: float, cpu_s: float) -> None: ...
 
 
 @dataclass(eq=False)
@@ -287,7 +289,7 @@ class Batcher:
                 continue
             model, items = job
             results, error, padded_tokens = None, None, 0
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             try:
                 ids = [it.ids for it in items]
                 padded_tokens = max(map(len, ids)) * len(ids)
@@ -297,7 +299,8 @@ class Batcher:
             except Exception as e:
                 log.exception("batch of %d texts failed", len(items))
                 error = e
-            if not self._post(self._deliver, items, results, error, padded_tokens, time.perf_counter() - t0):
+            run_s, cpu_s = time.perf_counter() - t0, time.thread_time() - c0
+            if not self._post(self._deliver, items, results, error, padded_tokens, run_s, cpu_s):
                 return
 
     def _next_job(self) -> list[_Request] | tuple[Model, list[_Item]] | None:
@@ -399,6 +402,7 @@ class Batcher:
         error: BaseException | None,
         padded_tokens: int,
         run_s: float,
+        cpu_s: float = 0.0,
     ) -> None:
         """Answer the requests of a finished batch."""
         if error is not None or results is None:
@@ -413,7 +417,7 @@ class Batcher:
                 self._ready = keep
             return
         if self.metrics:
-            self.metrics.observe_batch(len(items), padded_tokens, run_s)
+            self.metrics.observe_batch(len(items), padded_tokens, run_s, cpu_s)
         for it, res in zip(items, results, strict=True):
             r = it.request
             if r.future.done():

@@ -40,6 +40,7 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    ProcessCollector,
     generate_latest,
 )
 from starlette.applications import Starlette
@@ -65,6 +66,7 @@ class Metrics:
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
+        ProcessCollector(registry=r)  # process_cpu_seconds_total, resident memory, open fds
         self.requests = Counter("nlpfleet_requests", "Classify requests by HTTP status", ["code"], registry=r)
         self.errors = Counter("nlpfleet_errors", "Failed requests by error kind", ["kind"], registry=r)
         self.inflight = Gauge(
@@ -92,6 +94,13 @@ class Metrics:
         self.batch_seconds = Histogram(
             "nlpfleet_batch_run_seconds", "Model run time per batch", buckets=LATENCY_BUCKETS, registry=r
         )
+        # Against the process's CPU (process_cpu_seconds_total), what the model runs cost and
+        # what serving around them (HTTP, JSON, tokenization, batching) costs.
+        self.model_cpu = Counter(
+            "nlpfleet_model_cpu_seconds",
+            "CPU time of model runs (padding, session run, scores), all runner threads",
+            registry=r,
+        )
         self.ready = Gauge(
             "nlpfleet_ready", "1 when the model is loaded and warm and the server not draining", registry=r
         )
@@ -105,10 +114,11 @@ class Metrics:
         self._by_code: dict[int, Counter] = {}
 
     # BatchMetrics protocol (inference.batching)
-    def observe_batch(self, size: int, padded_tokens: int, run_s: float) -> None:
+    def observe_batch(self, size: int, padded_tokens: int, run_s: float, cpu_s: float) -> None:
         self.batch_size.observe(size)
         self.batch_tokens.observe(padded_tokens)
         self.batch_seconds.observe(run_s)
+        self.model_cpu.inc(cpu_s)
         self.texts.inc(size)
 
     def count_request(self, code: int) -> None:

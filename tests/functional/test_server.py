@@ -204,6 +204,14 @@ def test_metrics_in_prometheus_format_with_the_names_the_fleet_reads(server):
     texts = [line for line in text.splitlines() if line.startswith("nlpfleet_texts_total")]
     assert float(texts[0].split()[-1]) >= 2
 
+    def value(series: str) -> float:
+        return next(float(x.split()[-1]) for x in text.splitlines() if x.startswith(series + " "))
+
+    # What the model runs cost against what the whole process cost: both counted, the part
+    # no larger than the whole.
+    model_cpu, process_cpu = value("nlpfleet_model_cpu_seconds_total"), value("process_cpu_seconds_total")
+    assert 0 < model_cpu <= process_cpu
+
 
 @pytest.mark.parametrize(
     "body, status, kind",
