@@ -125,3 +125,37 @@ def test_bounds_are_exact_without_noise_and_never_below_the_oracle():
     assert (exact["vs_oracle"], exact["under_provisioned_pct"]) == (1.0, 0.0)
     held = ab.fitted_then_held_out(np.ceil(load - 1e-9).astype(int), load, 6, 1500, 0.5)
     assert 1.0 <= held["vs_oracle"] < 1.3 and held["under_provisioned_pct"] <= 0.5
+
+
+def test_learned_bound_reads_only_what_a_policy_could_know_when_it_orders():
+    """``autoscale_bounds.causal_features``: a minute's features use nothing after its order
+    time (``lag`` minutes earlier): changing the load from minute k on leaves the features of
+    every minute up to k + lag - 1 as they were, and changes later ones."""
+    import autoscale_bounds as ab
+
+    rng = np.random.default_rng(1)
+    n, lag, k = 12_000, 6, 11_000
+    t = 804_556_800 + 60 * np.arange(n)  # 1995-07-01 UTC, one row a minute
+    load = rng.poisson(60, size=n) / 20.0
+    changed = load.copy()
+    changed[k:] *= 3
+    a, b = ab.causal_features(t, load, lag), ab.causal_features(t, changed, lag)
+    np.testing.assert_array_equal(a[: k + lag], b[: k + lag])
+    assert not np.allclose(a[k + lag :, 0], b[k + lag :, 0])
+
+
+def test_learned_bound_covers_a_held_out_part_at_no_less_than_the_oracle():
+    import autoscale_bounds as ab
+
+    pytest.importorskip("sklearn")
+    rng = np.random.default_rng(2)
+    n = 4 * 1440
+    t = 804_556_800 + 60 * np.arange(n)
+    daily = 4 + 3 * np.sin(2 * np.pi * np.arange(n) / 1440)  # a daily cycle, 1-7 instances
+    load = rng.poisson(daily * 20) / 20.0
+    need = np.ceil(load - 1e-9).astype(int)
+    rows = ab.learned_quantile(t, need, load, 6, 3 * 1440, 0.5, quantiles=(0.9,))
+    row = rows["q=0.9"]
+    assert row["vs_oracle"] >= 1.0 and row["fitted_part_vs_oracle"] >= 1.0
+    assert row["fitted_part_under_provisioned_pct"] <= 0.5
+    assert row["under_provisioned_pct"] <= 2.0  # held out: calibrated on the fitted part only
