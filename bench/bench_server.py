@@ -308,8 +308,9 @@ def serve_naive(port: int, checkpoint: str, torch_threads: int) -> None:
 # ---- load generators ------------------------------------------------------------------------
 
 
-def wrk_script(texts: list[str], path: Path) -> Path:
-    bodies = ",\n".join("[==[" + json.dumps({"inputs": [t]}) + "]==]" for t in texts)
+def wrk_script(texts: list[str], path: Path, per_request: int = 1) -> Path:
+    groups = [texts[i : i + per_request] for i in range(0, len(texts) - per_request + 1, per_request)]
+    bodies = ",\n".join("[==[" + json.dumps({"inputs": g}) + "]==]" for g in groups)
     path.write_text(
         "local bodies = {\n" + bodies + "\n}\n"
         "local i = 0\n"
@@ -539,7 +540,7 @@ def start_server(artifact: Path, server_args: list[str]) -> tuple[subprocess.Pop
 
 def paired_rounds(
     artifact: Path, texts: list[str], script: Path, ports: dict, pids: dict, server_model: dict,
-    rounds: int, secs: float,
+    rounds: int, secs: float, script_8: Path | None = None,
 ) -> dict:  # fmt: skip
     """Throughput of raw / naive / server measured in alternation, a few seconds each, medians
     kept: the CPU is shared with other work whose load drifts over minutes, and alternating
@@ -549,18 +550,20 @@ def paired_rounds(
     keys = ("raw_sorted", "raw_arrival", "raw_plain", "raw_int8_unpublished", "batcher", "naive", "server",
             "server_c128", "server_c256", "raw_sorted_cpu_ms", "batcher_cpu_ms", "naive_cpu_ms", "server_cpu_ms",
             "server_c128_cpu_ms", "server_c256_cpu_ms", "server_model_cpu_ms", "server_c128_model_cpu_ms",
-            "server_c256_model_cpu_ms", "server_wrk_cpu_ms", "server_c128_wrk_cpu_ms", "server_c256_wrk_cpu_ms")  # fmt: skip
+            "server_c256_model_cpu_ms", "server_wrk_cpu_ms", "server_c128_wrk_cpu_ms", "server_c256_wrk_cpu_ms",
+            "server_8per", "server_8per_cpu_ms", "server_8per_model_cpu_ms", "server_8per_wrk_cpu_ms")  # fmt: skip
     per: dict[str, list[float]] = {k: [] for k in keys}
     batch_sizes: list[int] = []
 
-    def http_round(name: str, concurrency: int, key: str = "") -> None:
+    def http_round(name: str, concurrency: int, key: str = "", texts_per_request: int = 1) -> None:
         key = key or name
         wait_idle(ports[name])
         c0, m0 = proc_cpu_s(pids[name]), model_cpu_s(ports[name])
-        r = run_wrk(f"http://127.0.0.1:{ports[name]}/v1/classify", script, concurrency, secs)
+        body = script if texts_per_request == 1 else script_8
+        r = run_wrk(f"http://127.0.0.1:{ports[name]}/v1/classify", body, concurrency, secs)
         wait_idle(ports[name])  # the CPU spent on requests still in flight when wrk stopped counts too
-        done = max(1.0, r["rps"] * max(1, round(secs)))
-        per[key].append(r["rps"])
+        done = max(1.0, r["rps"] * texts_per_request * max(1, round(secs)))  # texts
+        per[key].append(r["rps"] * texts_per_request)
         per[key + "_cpu_ms"].append((proc_cpu_s(pids[name]) - c0) * 1000 / done)
         if m0 is not None:  # the server: its CPU split into model runs and the rest, and wrk's
             per[key + "_model_cpu_ms"].append((model_cpu_s(ports[name]) - m0) * 1000 / done)
@@ -598,6 +601,10 @@ def paired_rounds(
         # batches pad less and run fuller the more requests are in flight (saturation).
         http_round("server", 128, key="server_c128")
         http_round("server", 256, key="server_c256")
+        if script_8 is not None:
+            # Eight texts per request (e.g. a client classifying a page of messages): the
+            # per-request HTTP work is shared by eight texts. Counted in texts/s.
+            http_round("server", 32, key="server_8per", texts_per_request=8)
         print(f"  round {i + 1}: raw {per['raw_sorted'][-1]:.0f} texts/s (sorted, batches of {batch_sizes[-1]}, {per['raw_sorted_cpu_ms'][-1]:.2f} CPU ms/text), raw arrival {per['raw_arrival'][-1]:.0f}, raw plain {per['raw_plain'][-1]:.0f}, batcher {per['batcher'][-1]:.0f} ({per['batcher_cpu_ms'][-1]:.2f}), naive {per['naive'][-1]:.0f} req/s ({per['naive_cpu_ms'][-1]:.2f}), server c=64 {per['server'][-1]:.0f} req/s ({per['server_cpu_ms'][-1]:.2f}), c=128 {per['server_c128'][-1]:.0f} ({per['server_c128_cpu_ms'][-1]:.2f}), c=256 {per['server_c256'][-1]:.0f} ({per['server_c256_cpu_ms'][-1]:.2f}), load {os.getloadavg()[0]:.1f}", flush=True)  # fmt: skip
     med = {k: statistics.median(v) for k, v in per.items() if v}
     return {"rounds": per, "median": med, "raw_best_batch_size": batch_sizes}
@@ -653,6 +660,7 @@ def main(argv: list[str] | None = None) -> int:
     procs = []
     with tempfile.TemporaryDirectory() as tmp:
         script = wrk_script(texts[:2000], Path(tmp) / "bodies.lua")
+        script_8 = wrk_script(texts[:2000], Path(tmp) / "bodies8.lua", per_request=8)
         try:
             naive_proc, naive_port = start_naive(checkpoint, args.naive_torch_threads)
             procs.append(naive_proc)
@@ -672,7 +680,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"throughput, alternating rounds of {secs:.0f} s (raw: the served variant run as the server runs it, pre-formed batches; naive: wrk c=4; server: wrk c=64 and c=256):", flush=True)  # fmt: skip
             results["paired"] = paired_rounds(
                 artifact, texts, script, {"naive": naive_port, "server": server_port},
-                {"naive": naive_proc.pid, "server": server_proc.pid}, served, args.rounds, secs,
+                {"naive": naive_proc.pid, "server": server_proc.pid}, served, args.rounds, secs, script_8,
             )  # fmt: skip
             print("latency sweeps:", flush=True)
             results["naive"] = measure_http("naive", naive_port, texts, script, (1, 4, 16), secs)
@@ -694,6 +702,7 @@ def main(argv: list[str] | None = None) -> int:
         "server_vs_raw_arrival": med["server"] / med["raw_arrival"],
         "server_vs_raw_plain": med["server"] / med["raw_plain"],
         "batcher_vs_raw_sorted": med["batcher"] / med["raw_sorted"],
+        "server_8_texts_per_request_vs_raw_sorted": med["server_8per"] / med["raw_sorted"],
         # CPU time per text: less sensitive to the other work sharing the CPU than wall time.
         "raw_cpu_vs_server_cpu_per_text": med["raw_sorted_cpu_ms"] / med["server_cpu_ms"],
         "naive_cpu_vs_server_cpu_per_text": med["naive_cpu_ms"] / med["server_cpu_ms"],
@@ -718,7 +727,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _cpu_split(med: dict) -> dict:
     out = {}
-    for key in ("server", "server_c128", "server_c256"):
+    for key in ("server", "server_c128", "server_c256", "server_8per"):
         if key + "_model_cpu_ms" not in med:
             continue
         model, total, wrk = med[key + "_model_cpu_ms"], med[key + "_cpu_ms"], med[key + "_wrk_cpu_ms"]
@@ -757,6 +766,8 @@ def print_tables(r: dict) -> None:
     print(f"| this server (wrk c=64 on the same CPUs) | {med['server']:.0f} req/s | {server['sustained_rate_p99_100ms']} req/s |")  # fmt: skip
     print(f"| this server (wrk c=128) | {med['server_c128']:.0f} req/s | - |")  # fmt: skip
     print(f"| this server (wrk c=256: saturated, deep queue) | {med['server_c256']:.0f} req/s | - |")  # fmt: skip
+    if "server_8per" in med:
+        print(f"| this server, 8 texts per request (wrk c=32) | {med['server_8per']:.0f} texts/s | - |")  # fmt: skip
     print(f"\nCPU time per text (medians; server and naive: their whole process incl. HTTP, excluding the load generator): raw sorted {med['raw_sorted_cpu_ms']:.2f} ms, batcher in-process {med['batcher_cpu_ms']:.2f} ms, server {med['server_cpu_ms']:.2f} ms, naive {med['naive_cpu_ms']:.2f} ms")  # fmt: skip
     print("\n## Latency at fixed Poisson arrival rates (open loop)\n")
     print("| rate (req/s) | naive p50 / p99 (ms) | server p50 / p99 (ms) |")
@@ -780,13 +791,20 @@ def print_tables(r: dict) -> None:
     print(
         f"- the batcher alone (no HTTP) / raw session, sorted batches: {ratios['batcher_vs_raw_sorted']:.0%}"
     )
+    if "server_8per" in med:
+        print(f"- the server with 8 texts per request / raw session, sorted batches: {ratios['server_8_texts_per_request_vs_raw_sorted']:.0%} (texts/s)")  # fmt: skip
     print(f"- CPU efficiency, raw CPU ms per text / server CPU ms per text: {ratios['raw_cpu_vs_server_cpu_per_text']:.0%}; naive / server: {ratios['naive_cpu_vs_server_cpu_per_text']:.1f}x")  # fmt: skip
     split = ratios.get("cpu_split") or {}
     if split:
         print(f"\n## Where the server's CPU goes, per request (medians; raw session: {med['raw_sorted_cpu_ms']:.2f} ms per text)\n")  # fmt: skip
         print("| concurrency | model runs (ms) | model runs / raw session | serving: HTTP, JSON, tokenizer, batching (ms) | wrk (ms) | ceiling: raw / (raw + serving + wrk) |")  # fmt: skip
         print("| --- | --- | --- | --- | --- | --- |")
-        for key, c in (("server", 64), ("server_c128", 128), ("server_c256", 256)):
+        for key, c in (
+            ("server", "64"),
+            ("server_c128", "128"),
+            ("server_c256", "256"),
+            ("server_8per", "32, 8 texts per request (per text)"),
+        ):
             if key in split:
                 x = split[key]
                 print(f"| {c} | {x['model_cpu_ms_per_request']:.2f} | {x['model_runs_vs_raw_cpu_per_text']:.2f} | {x['serving_cpu_ms_per_request']:.2f} | {x['wrk_cpu_ms_per_request']:.3f} | {x['ceiling_vs_raw_sorted']:.0%} |")  # fmt: skip
