@@ -402,7 +402,7 @@ class Batcher:
         error: BaseException | None,
         padded_tokens: int,
         run_s: float,
-        cpu_s: float = 0.0,
+        cpu_s: float,
     ) -> None:
         """Answer the requests of a finished batch."""
         if error is not None or results is None:
