@@ -131,12 +131,14 @@ def policy_signal(load: np.ndarray, lag_min: int) -> np.ndarray:
     return level + s.headroom_z * noise
 
 
-def fitted_then_held_out(need: np.ndarray, load: np.ndarray, lag_min: int, cut: int, max_miss: float):
+def fitted_then_held_out(
+    need: np.ndarray, load: np.ndarray, lag_min: int, cut: int, max_miss: float, boot_min: int = 4
+):
     """The policy-signal mapping fitted per bin on minutes ``[0, cut)`` and scored, frictionless,
     on ``[cut, end)`` (bins not seen while fitting: the nearest lower bin's capacity plus the
     distance): the cheapest held-out point within the budget, with the fitting part's figures."""
-    _, o_fit = sim.oracle(need[:cut], 4)
-    _, o_out = sim.oracle(need[cut:], 4)
+    _, o_fit = sim.oracle(need[:cut], boot_min)
+    _, o_out = sim.oracle(need[cut:], boot_min)
     bins = np.floor(policy_signal(load, lag_min) / 0.1).astype(int)
     fit_b, fit_n, out_b, out_n = bins[:cut], need[:cut], bins[cut:], need[cut:]
     best = None
@@ -187,7 +189,14 @@ def causal_features(t: np.ndarray, load: np.ndarray, lag_min: int) -> np.ndarray
 
 
 def learned_quantile(
-    t, need, load, lag_min: int, cut: int, max_miss: float, quantiles=(0.9, 0.97, 0.99, 0.995)
+    t,
+    need,
+    load,
+    lag_min: int,
+    cut: int,
+    max_miss: float,
+    quantiles=(0.9, 0.97, 0.99, 0.995),
+    boot_min: int = 4,
 ):
     """Per quantile: the held-out (ratio, miss %) of a gradient-boosted quantile model fitted
     before ``cut`` (shift chosen on the fitted part), with the fitted part's own figures."""
@@ -198,8 +207,8 @@ def learned_quantile(
     x = causal_features(np.asarray(t), load, lag_min)
     x = x[:, ~np.isnan(x[:cut]).all(axis=0)]  # a trace shorter than a week has no week-ago column
     y = need.astype(float)
-    _, o_fit = sim.oracle(need[:cut], 4)
-    _, o_out = sim.oracle(need[cut:], 4)
+    _, o_fit = sim.oracle(need[:cut], boot_min)
+    _, o_out = sim.oracle(need[cut:], boot_min)
     out = {}
     for q in quantiles:
         model = HistGradientBoostingRegressor(
@@ -255,9 +264,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.split:
         (_, fit), (label, _) = sim.segment_slices(t, args.split)
         result[f"policy signal, fitted on the part before {args.split}, scored on {label}, frictionless"] = (
-            fitted_then_held_out(need, load, lag, fit.stop, args.max_miss_pct)
+            fitted_then_held_out(need, load, lag, fit.stop, args.max_miss_pct, args.boot_min)
         )
-        learned = learned_quantile(t, need, load, lag, fit.stop, args.max_miss_pct)
+        learned = learned_quantile(t, need, load, lag, fit.stop, args.max_miss_pct, boot_min=args.boot_min)
         if "skipped" in learned:
             print(f"learned quantile model skipped: {learned['skipped']}")
         else:

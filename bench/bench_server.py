@@ -540,7 +540,7 @@ def start_server(artifact: Path, server_args: list[str]) -> tuple[subprocess.Pop
 
 def paired_rounds(
     artifact: Path, texts: list[str], script: Path, ports: dict, pids: dict, server_model: dict,
-    rounds: int, secs: float, script_8: Path | None = None,
+    rounds: int, secs: float, script_8: Path,
 ) -> dict:  # fmt: skip
     """Throughput of raw / naive / server measured in alternation, a few seconds each, medians
     kept: the CPU is shared with other work whose load drifts over minutes, and alternating
@@ -601,10 +601,9 @@ def paired_rounds(
         # batches pad less and run fuller the more requests are in flight (saturation).
         http_round("server", 128, key="server_c128")
         http_round("server", 256, key="server_c256")
-        if script_8 is not None:
-            # Eight texts per request (e.g. a client classifying a page of messages): the
-            # per-request HTTP work is shared by eight texts. Counted in texts/s.
-            http_round("server", 32, key="server_8per", texts_per_request=8)
+        # Eight texts per request (e.g. a client classifying a page of messages): the
+        # per-request HTTP work is shared by eight texts. Counted in texts/s.
+        http_round("server", 32, key="server_8per", texts_per_request=8)
         print(f"  round {i + 1}: raw {per['raw_sorted'][-1]:.0f} texts/s (sorted, batches of {batch_sizes[-1]}, {per['raw_sorted_cpu_ms'][-1]:.2f} CPU ms/text), raw arrival {per['raw_arrival'][-1]:.0f}, raw plain {per['raw_plain'][-1]:.0f}, batcher {per['batcher'][-1]:.0f} ({per['batcher_cpu_ms'][-1]:.2f}), naive {per['naive'][-1]:.0f} req/s ({per['naive_cpu_ms'][-1]:.2f}), server c=64 {per['server'][-1]:.0f} req/s ({per['server_cpu_ms'][-1]:.2f}), c=128 {per['server_c128'][-1]:.0f} ({per['server_c128_cpu_ms'][-1]:.2f}), c=256 {per['server_c256'][-1]:.0f} ({per['server_c256_cpu_ms'][-1]:.2f}), load {os.getloadavg()[0]:.1f}", flush=True)  # fmt: skip
     med = {k: statistics.median(v) for k, v in per.items() if v}
     return {"rounds": per, "median": med, "raw_best_batch_size": batch_sizes}
@@ -766,8 +765,7 @@ def print_tables(r: dict) -> None:
     print(f"| this server (wrk c=64 on the same CPUs) | {med['server']:.0f} req/s | {server['sustained_rate_p99_100ms']} req/s |")  # fmt: skip
     print(f"| this server (wrk c=128) | {med['server_c128']:.0f} req/s | - |")  # fmt: skip
     print(f"| this server (wrk c=256: saturated, deep queue) | {med['server_c256']:.0f} req/s | - |")  # fmt: skip
-    if "server_8per" in med:
-        print(f"| this server, 8 texts per request (wrk c=32) | {med['server_8per']:.0f} texts/s | - |")  # fmt: skip
+    print(f"| this server, 8 texts per request (wrk c=32) | {med['server_8per']:.0f} texts/s | - |")  # fmt: skip
     print(f"\nCPU time per text (medians; server and naive: their whole process incl. HTTP, excluding the load generator): raw sorted {med['raw_sorted_cpu_ms']:.2f} ms, batcher in-process {med['batcher_cpu_ms']:.2f} ms, server {med['server_cpu_ms']:.2f} ms, naive {med['naive_cpu_ms']:.2f} ms")  # fmt: skip
     print("\n## Latency at fixed Poisson arrival rates (open loop)\n")
     print("| rate (req/s) | naive p50 / p99 (ms) | server p50 / p99 (ms) |")
@@ -791,8 +789,7 @@ def print_tables(r: dict) -> None:
     print(
         f"- the batcher alone (no HTTP) / raw session, sorted batches: {ratios['batcher_vs_raw_sorted']:.0%}"
     )
-    if "server_8per" in med:
-        print(f"- the server with 8 texts per request / raw session, sorted batches: {ratios['server_8_texts_per_request_vs_raw_sorted']:.0%} (texts/s)")  # fmt: skip
+    print(f"- the server with 8 texts per request / raw session, sorted batches: {ratios['server_8_texts_per_request_vs_raw_sorted']:.0%} (texts/s)")  # fmt: skip
     print(f"- CPU efficiency, raw CPU ms per text / server CPU ms per text: {ratios['raw_cpu_vs_server_cpu_per_text']:.0%}; naive / server: {ratios['naive_cpu_vs_server_cpu_per_text']:.1f}x")  # fmt: skip
     split = ratios.get("cpu_split") or {}
     if split:
